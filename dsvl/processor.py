@@ -1,0 +1,274 @@
+"""`Processor`: conversations -> token ids + pixel tensors, with the context-limit policy; and the writer of
+the processor-side hub files of `deepseek-community/deepseek-vl-7b-chat`.
+
+Sequence assembly equals transformers' `DeepseekVLHybridProcessor`: render the chat template, tokenize with
+one BOS in front, and replace each `<image_placeholder>` by `num_image_tokens` (576) image-token ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from PIL import Image
+
+from .images import DEFAULT_MAX_PIXELS, ImageError, ImageProcessor, load_image, preprocessor_config
+from .text import CHAT_TEMPLATE, Tokenizer, normalize_messages, render_chat
+
+PROCESSOR_CLASS = "DeepseekVLHybridProcessor"
+DEFAULT_NUM_IMAGE_TOKENS = 576
+
+
+class ContextOverflowError(ValueError):
+    """Even the newest user turn does not fit in the context window."""
+
+
+@dataclass
+class Prompt:
+    """A tokenized conversation ready for the model."""
+
+    token_ids: list[int]  # BOS first; each image = num_image_tokens consecutive image-token ids
+    images: list[Image.Image] = field(default_factory=list)  # RGB, in text order
+    image_keys: list[str] = field(default_factory=list)  # content hash per image (for feature caches)
+    dropped_turns: int = 0  # oldest user(+assistant) turns removed to fit the context
+    text: str = ""  # rendered prompt (one placeholder per image), after dropping
+
+
+def image_key(image: Image.Image) -> str:
+    """Content hash of a decoded image: equal pixels give equal keys whatever file or format they came from."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{image.mode}:{image.width}x{image.height}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def _image_source(item: Mapping[str, Any]) -> Any:
+    for key in ("image", "url", "path"):
+        if item.get(key) is not None:
+            return item[key]
+    raise ImageError("Cannot load image: an image item has no 'image', 'url' or 'path'")
+
+
+class Processor:
+    """Conversation -> `Prompt` / batched tensors. See `prepare` for the context policy."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        image_processor: ImageProcessor,
+        num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS,
+        *,
+        chat_template: str | None = None,
+        sanitize_control_tokens: bool = True,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if tokenizer.image_token_id is None:
+            raise ValueError("the tokenizer has no image token (<image_placeholder>)")
+        if tokenizer.bos_id is None:
+            raise ValueError("the tokenizer has no BOS token")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.num_image_tokens = num_image_tokens
+        # The checkpoint's own template when it ships one, else the built-in Python equivalent (None).
+        self.chat_template = chat_template if chat_template is not None else tokenizer.chat_template
+        self.sanitize_control_tokens = sanitize_control_tokens
+        self.max_image_pixels = max_image_pixels
+
+    @classmethod
+    def from_dir(cls, path: str | Path, **kwargs: Any) -> "Processor":
+        """From a checkpoint directory (tokenizer files, preprocessor/processor configs, chat template)."""
+        path = Path(path)
+        num = DEFAULT_NUM_IMAGE_TOKENS
+        if (path / "processor_config.json").is_file():
+            num = int(json.loads((path / "processor_config.json").read_text(encoding="utf-8")).get("num_image_tokens", num))
+        return cls(Tokenizer.from_dir(path), ImageProcessor.from_dir(path), num, **kwargs)
+
+    # ---- text -> ids ----------------------------------------------------------------------------------
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        tok = self.tokenizer
+        return render_chat(
+            messages,
+            add_generation_prompt,
+            self.chat_template,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+            pad_token=tok.pad_token,
+            image_token=tok.image_token,
+        )
+
+    def _mark_control_tokens(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
+        """Wrap special-token strings typed inside text items with a random marker, so `_encode` can encode them
+        as plain text: a user writing "<image_placeholder>" or the EOS string must not create image slots or end
+        the turn. Returns (messages, marker or None when no text contains one)."""
+        specials = [t for t in self.tokenizer.special_tokens if t]
+        if not self.sanitize_control_tokens or not specials:
+            return messages, None
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+        if not any(
+            item.get("type") == "text" and isinstance(item.get("text"), str) and pattern.search(item["text"])
+            for m in messages
+            for item in m["content"]
+        ):
+            return messages, None
+        marker = f"\ue000{secrets.token_hex(8)}\ue001"
+        out = []
+        for m in messages:
+            content = [
+                {**item, "text": pattern.sub(lambda x: marker + x.group(0) + marker, item["text"])}
+                if item.get("type") == "text" and isinstance(item.get("text"), str)
+                else item
+                for item in m["content"]
+            ]
+            out.append({**m, "content": content})
+        return out, marker
+
+    def _encode(self, text: str, marker: str | None) -> list[int]:
+        """BOS + ids of `text`, each image token expanded to num_image_tokens ids. Expanding after
+        tokenizing equals tokenizing the expanded string (special tokens split the text either way)."""
+        tok = self.tokenizer
+        if marker is None:
+            ids = tok.encode(text, add_bos=True)
+        else:
+            ids = [tok.bos_id]
+            for i, piece in enumerate(text.split(marker)):  # odd pieces are user-typed control tokens
+                ids += tok.encode_plain(piece) if i % 2 else tok.encode(piece, add_bos=False)
+        image_id = tok.image_token_id
+        if image_id not in ids:
+            return ids
+        out: list[int] = []
+        for t in ids:
+            if t == image_id:
+                out.extend([image_id] * self.num_image_tokens)
+            else:
+                out.append(t)
+        return out
+
+    # ---- conversations ----------------------------------------------------------------------------------
+    def prepare(
+        self,
+        conversation: Sequence[Mapping[str, Any]],
+        *,
+        max_context_tokens: int | None = 4096,
+        reserve_new_tokens: int = 0,
+    ) -> Prompt:
+        """Tokenize one conversation and load its images.
+
+        Context policy: a turn is a user message with the assistant message(s) that follow it (messages before
+        the first user message, e.g. a system message, are always kept). If the prompt plus
+        `reserve_new_tokens` exceeds `max_context_tokens`, the oldest whole turns are dropped, images included,
+        until it fits; `Prompt.dropped_turns` says how many. An image's tokens are never cut. If even the last
+        turn alone does not fit, `ContextOverflowError` is raised. `max_context_tokens=None` disables the limit.
+        A generation prompt ("Assistant:") is added unless the conversation ends with an assistant message,
+        which is then continued.
+        """
+        messages = normalize_messages(conversation)
+        if not messages:
+            raise ValueError("the conversation is empty")
+        add_generation_prompt = str(messages[-1]["role"]).lower() != "assistant"
+        marked, marker = self._mark_control_tokens(messages)
+
+        starts = [i for i, m in enumerate(marked) if str(m["role"]).lower() == "user"]
+        preamble_end = starts[0] if starts else 0
+        turn_starts = starts or [0]
+
+        dropped = 0
+        while True:
+            kept = marked[:preamble_end] + marked[turn_starts[dropped] :]
+            text = self.render(kept, add_generation_prompt)
+            ids = self._encode(text, marker)
+            if max_context_tokens is None or len(ids) + reserve_new_tokens <= max_context_tokens:
+                break
+            if dropped + 1 >= len(turn_starts):
+                n_images = sum(1 for m in kept for item in m["content"] if item.get("type") == "image")
+                raise ContextOverflowError(
+                    f"The message needs {len(ids)} prompt tokens"
+                    + (f" + {reserve_new_tokens} reserved for the reply" if reserve_new_tokens else "")
+                    + f" but the context allows {max_context_tokens}"
+                    + (f" ({n_images} image(s) at {self.num_image_tokens} tokens per image)" if n_images else "")
+                    + ". Shorten the message, attach fewer images, or lower the reply length."
+                )
+            dropped += 1
+
+        # Images of the kept messages only, in text order (the original items, not the marked copies).
+        kept_original = messages[:preamble_end] + messages[turn_starts[dropped] :]
+        images = [
+            load_image(_image_source(item), max_pixels=self.max_image_pixels, name=item.get("name"))
+            for m in kept_original
+            for item in m["content"]
+            if item.get("type") == "image"
+        ]
+        n_slots = ids.count(self.tokenizer.image_token_id)
+        if n_slots != len(images) * self.num_image_tokens:  # e.g. a custom template that drops image items
+            raise ValueError(f"{n_slots} image-token ids for {len(images)} image(s) x {self.num_image_tokens}")
+        return Prompt(ids, images, [image_key(im) for im in images], dropped, text)
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(pixel_values, high_res_pixel_values), or (None, None) without images."""
+        if not images:
+            return None, None
+        return self.image_processor(images)
+
+    def collate(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor | None]:
+        """Left-padded batch (pad = eos id, attention_mask 0 on pads); images flattened in batch/text order."""
+        length = max(len(p.token_ids) for p in prompts)
+        pad = self.tokenizer.pad_id
+        input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            n = len(p.token_ids)
+            input_ids[row, length - n :] = torch.tensor(p.token_ids, dtype=torch.long)
+            attention_mask[row, length - n :] = 1
+        pixel_values, high_res_pixel_values = self.pixel_values([im for p in prompts for im in p.images])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values,
+            "high_res_pixel_values": high_res_pixel_values,
+        }
+
+    def __call__(
+        self,
+        conversations: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        *,
+        max_context_tokens: int | None = None,
+        reserve_new_tokens: int = 0,
+    ) -> dict[str, torch.Tensor | None]:
+        """One conversation (list of messages) or a batch (list of conversations) -> dict with `input_ids`,
+        `attention_mask`, `pixel_values`, `high_res_pixel_values` (the last two None without images)."""
+        if not conversations:
+            raise ValueError("no conversation given")
+        batch = [conversations] if isinstance(conversations[0], Mapping) else list(conversations)
+        prompts = [
+            self.prepare(c, max_context_tokens=max_context_tokens, reserve_new_tokens=reserve_new_tokens) for c in batch
+        ]
+        return self.collate(prompts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub files
+# --------------------------------------------------------------------------------------------------
+
+
+def write_processor_files(out_dir: Path, num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS) -> None:
+    """Write `preprocessor_config.json`, `processor_config.json` and `chat_template.jinja` as the hub repo has
+    them (HF conversion script values). Together with `dsvl.text.write_tiny_tokenizer` the directory loads with
+    `transformers.AutoProcessor.from_pretrained`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "preprocessor_config.json", preprocessor_config())
+    _write_json(
+        out_dir / "processor_config.json",
+        {"num_image_tokens": num_image_tokens, "processor_class": PROCESSOR_CLASS},
+    )
+    # transformers >= 4.52 saves a processor's template as a raw Jinja file (no JSON escaping).
+    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
