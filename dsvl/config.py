@@ -158,6 +158,8 @@ class DsvlConfig:
     def from_dict(cls, d: dict[str, Any]) -> "DsvlConfig":
         if not isinstance(d, dict):
             raise ConfigError(f"config: expected a JSON object, got {type(d).__name__}")
+        if "text_config" not in d and "language_config" in d:
+            d = _from_original_schema(d)
         text = dict(_section(d, "text_config"))
         # transformers 5 moved rope_theta into rope_parameters; 4.x keeps it at the top.
         rope = text.pop("rope_parameters", None) or text.pop("rope_scaling", None)
@@ -176,7 +178,9 @@ class DsvlConfig:
             vision=_build(SiglipConfig, _section(d, "vision_config"), "vision_config"),
             high_res_vision=_build(SamConfig, sam, "high_res_vision_config"),
             image_token_id=_typed(d.get("image_token_id", 100015), int, "image_token_id"),
-            tie_word_embeddings=_typed(d.get("tie_word_embeddings", False), bool, "tie_word_embeddings"),
+            # Top level wins (transformers reads it there); else the text config's; the 7B chat model is untied.
+            tie_word_embeddings=_typed(d.get("tie_word_embeddings", text.get("tie_word_embeddings", False)), bool,
+                                       "tie_word_embeddings"),
             torch_dtype=dtype,
             random_weights=bool(d.get("dsvl_random_weights", False)),
         )
@@ -244,6 +248,20 @@ class DsvlConfig:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
+
+def _from_original_schema(d: dict[str, Any]) -> dict[str, Any]:
+    """deepseek-ai's own config.json (``model_type: multi_modality``): ``language_config`` is a LlamaConfig;
+    the vision towers are named presets (``HybridVisionTower`` = SigLIP-L/16-384 + SAM-B), so they take the 7B
+    defaults here. Only the hybrid tower is supported (the 1.3B model is a different architecture)."""
+    vision = d.get("vision_config") or {}
+    cls = vision.get("cls") if isinstance(vision, dict) else None
+    if cls not in (None, "HybridVisionTower"):
+        raise ConfigError(f"vision_config.cls: only the hybrid tower (HybridVisionTower) is supported, got {cls!r}")
+    return {"text_config": d["language_config"], "image_token_id": d.get("image_token_id", 100015),
+            "tie_word_embeddings": d.get("tie_word_embeddings", False),
+            "dtype": d.get("dtype", d.get("torch_dtype", "bfloat16"))}
+
 
 
 def _field_names(cls: type) -> list[str]:
