@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -293,20 +294,23 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
 
 
 def _hint() -> str:
-    return ("Pass a local checkpoint with --model PATH, write a random-weight test checkpoint with "
-            "`python -m dsvl.tiny OUT_DIR`, or, if you have network access, unset HF_HUB_OFFLINE so the "
-            "weights can be downloaded.")
+    return ("Pass a local checkpoint with --model PATH, try the interface with random weights with "
+            "--model random:tiny (or write one with `python -m dsvl.tiny OUT_DIR`), or, if you have network "
+            "access, unset HF_HUB_OFFLINE so the weights can be downloaded.")
 
 
 def resolve_checkpoint(model: str | Path, revision: str | None = None) -> Path:
-    """A local directory as is; otherwise a hub repo id fetched with ``snapshot_download`` (safetensors, JSON,
-    tokenizer and template files only; never pickles)."""
+    """A local directory as is; ``random:tiny`` / ``random:mid`` / ``random:7b`` a random-weight checkpoint
+    written once into the cache (to try the UI without the 15 GB download); otherwise a hub repo id fetched
+    with ``snapshot_download`` (safetensors, JSON, tokenizer and template files only; never pickles)."""
+    text = str(model)
+    if text.startswith(RANDOM_PREFIX):
+        return _random_checkpoint(text.removeprefix(RANDOM_PREFIX))
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: no config.json; not a checkpoint directory. {_hint()}")
         return path
-    text = str(model)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise CheckpointError(f"{text}: no such checkpoint directory (and not a hub repo id 'owner/name'). "
                               f"{_hint()}")
@@ -321,6 +325,28 @@ def resolve_checkpoint(model: str | Path, revision: str | None = None) -> Path:
         raise CheckpointError(f"{text}: the downloaded snapshot {local} has no config.json or no safetensors "
                               f"weights (pickle formats are not accepted). {_hint()}")
     return local
+
+
+RANDOM_PREFIX = "random:"
+
+
+def _random_checkpoint(size: str) -> Path:
+    """Write (once) and return a random-weight checkpoint of ``size`` under the dsvl cache directory."""
+    from .tiny import SIZES, write_checkpoint
+
+    if size not in SIZES:
+        raise CheckpointError(f"random:{size}: unknown size; choose one of {', '.join('random:' + s for s in SIZES)}")
+    cache = Path(os.environ.get("DSVL_CACHE", Path.home() / ".cache" / "dsvl")) / f"random-{size}"
+    if not (cache / "config.json").is_file():
+        print(f"dsvl: writing a random-weight {size} checkpoint to {cache} (answers will be noise)", flush=True)
+        tmp = cache.with_name(cache.name + ".partial")
+        write_checkpoint(tmp, size=size)
+        if cache.exists():
+            import shutil
+
+            shutil.rmtree(cache)
+        tmp.rename(cache)
+    return cache
 
 
 # ---- loading -------------------------------------------------------------------------------------

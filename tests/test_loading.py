@@ -199,6 +199,18 @@ def test_resolve_local_and_bad_paths(tiny_checkpoint, tmp_path):
         resolve_checkpoint(tmp_path)
 
 
+def test_random_spec_writes_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSVL_CACHE", str(tmp_path))
+    first = resolve_checkpoint("random:tiny")
+    assert first == tmp_path / "random-tiny" and (first / "config.json").is_file()
+    assert json.loads((first / "config.json").read_text())["dsvl_random_weights"] is True
+    stamp = (first / "config.json").stat().st_mtime_ns
+    assert resolve_checkpoint("random:tiny") == first
+    assert (first / "config.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+    with pytest.raises(CheckpointError, match="random:tiny"):
+        resolve_checkpoint("random:huge")
+
+
 def test_hub_download_is_restricted_to_safe_files(tiny_checkpoint, monkeypatch):
     import huggingface_hub
 
