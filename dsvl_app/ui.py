@@ -1,0 +1,516 @@
+"""The Gradio 6 Blocks app: `build_app(engine, settings) -> gr.Blocks`.
+
+Event chains (every chain that runs the model shares the concurrency group "gpu"):
+
+    send / example / retry / edit:  stage   (checks the message, shows the user turn; never waits for the model)
+                                    .success(answer)   (queued in "gpu", streams)
+                                    .then / .failure(finish)   (unlocks the input; after a failure or a Stop
+                                                                before the start, puts the message back)
+    Stop:   sets the session's cancel event (the engine stops within a token) and cancels the queued event.
+    /chat:  the API endpoint (gradio_client): same checks and generation, history kept per client session.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import shutil
+import socket
+import uuid
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from . import history
+from .runtime import Runtime, UserError, generation_params
+from .settings import Settings
+from .uploads import UploadError, check_files, check_image, human_size, is_within
+
+log = logging.getLogger("dsvl_app")
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+GPU = "gpu"
+
+CSS = """
+#dsvl-banner { display:flex; flex-wrap:wrap; gap:.4rem .9rem; align-items:center; font-size:.92rem;
+               padding:.55rem .9rem; border-radius:10px; background:var(--block-background-fill);
+               border:1px solid var(--border-color-primary); }
+#dsvl-banner .name { font-weight:700; font-size:1.05rem; }
+#dsvl-banner .chip { padding:.1rem .5rem; border-radius:999px; background:var(--background-fill-secondary);
+                     border:1px solid var(--border-color-primary); font-family:var(--font-mono); font-size:.82rem; }
+#dsvl-random { margin-top:.5rem; padding:.7rem 1rem; border-radius:10px; font-weight:600;
+               background:#fde8e8; color:#8a1c1c; border:2px solid #e02424; }
+#dsvl-context { font-size:.85rem; color:var(--body-text-color-subdued); min-height:1.4rem; padding:0 .3rem; }
+#dsvl-context .warn { color:#b45309; font-weight:600; }
+#dsvl-tools button { min-width:0; }
+/* a user turn's images: one row of captioned thumbnails (captions = Image 1, Image 2, …) */
+#dsvl-chat .message.user .gallery-container .grid-wrap { height:auto !important; min-height:0 !important;
+    max-height:none !important; overflow:visible !important; padding:4px !important; }
+#dsvl-chat .message.user .gallery-container .grid-container { display:grid !important;
+    grid-template-columns:repeat(var(--grid-cols), 168px) !important; grid-auto-rows:168px !important;
+    gap:8px !important; justify-content:end; }
+#dsvl-chat .message.user:has(.gallery-container) { width:auto !important; max-width:100%; }
+#dsvl-chat .caption-label { font-weight:600; }
+footer { opacity:.85; }
+"""
+
+DOWNLOAD_JS = """
+(text) => {
+  if (!text) return;
+  const blob = new Blob([text], {type: "application/json"});
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = "dsvl-conversation-" + new Date().toISOString().slice(0, 19).replace(/[:T]/g, "-") + ".json";
+  document.body.appendChild(a); a.click(); a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+}
+"""
+
+
+def _examples() -> list[dict]:
+    """Chatbot example cards (shown while the chat is empty); never cached or run at start-up."""
+    a = lambda name: str(ASSETS / name)  # noqa: E731
+    items = [
+        {"text": "Describe this image in detail.", "files": [a("chelsea.png")], "display_text": "Describe a photo"},
+        {"text": "What are the differences between Image 1 and Image 2?", "files": [a("coffee.png"), a("chelsea.png")],
+         "display_text": "Compare two images"},
+        {"text": "Read the text on this sign and tell me what it asks for.", "files": [a("sign.png")],
+         "display_text": "Read the text in an image"},
+        {"text": "What is happening in this picture, and roughly when was it taken?", "files": [a("rocket.jpg")],
+         "display_text": "Explain a scene"},
+        {"text": "Write a short poem about the sea, in four lines.", "files": [], "display_text": "Text only: a poem"},
+    ]
+    out = []
+    for ex in items:
+        if all(Path(f).is_file() for f in ex["files"]):
+            if ex["files"]:
+                ex["icon"] = ex["files"][0]
+            out.append(ex)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def banner_html(engine, settings: Settings) -> str:
+    quant = str(getattr(engine, "quantization", "none") or "none")
+    dtype = str(getattr(engine, "dtype", "")).replace("torch.", "")
+    precision = dtype if quant in ("none", "") else f"{quant} weights · {dtype} compute"
+    weights = human_size(int(getattr(engine, "weight_bytes", 0) or 0))
+    model = settings.model
+    if Path(model).expanduser().exists():  # a local checkpoint: its folder name (the full path in the tooltip)
+        model = Path(model).expanduser().resolve().name
+    chips = [
+        ("model", model),
+        ("precision", precision),
+        ("device", str(getattr(engine, "device", "?"))),
+        ("weights", weights),
+        ("context", f"{int(getattr(engine, 'max_context_tokens', settings.max_context_tokens)):,} tokens"),
+    ]
+    parts = ['<div id="dsvl-banner"><span class="name">DeepSeek-VL 7B chat</span>']
+    tips = {"model": settings.model}
+    parts += [f'<span class="chip" title="{html.escape(tips.get(k, k))}">{html.escape(k)}: {html.escape(v)}</span>'
+              for k, v in chips]
+    parts.append("</div>")
+    if getattr(engine, "is_random", False):
+        parts.append(
+            '<div id="dsvl-random">⚠️ RANDOM WEIGHTS — this checkpoint was written by the random-checkpoint tool '
+            "(<code>python -m dsvl.tiny</code>). Every answer is meaningless noise. Use it to try the interface "
+            "only; start the app with <code>--model deepseek-community/deepseek-vl-7b-chat</code> (or a local "
+            "copy of it) for real answers.</div>")
+    return "".join(parts)
+
+
+def context_html(conv: list[dict], max_context: int, image_tokens: int, live: str | None = None) -> str:
+    """The small line under the chat: stats of the last answer, tokens used/left, dropped-turn notice."""
+    n_images = history.count_images(conv)
+    if live is not None:
+        return f'<div id="dsvl-context">{html.escape(live)}</div>'
+    last = next((t for t in reversed(conv) if t["role"] == "assistant" and t.get("stats")), None)
+    if last is None:
+        return (f'<div id="dsvl-context">Context: {max_context:,} tokens · each image takes {image_tokens} '
+                f"tokens · {n_images} image{'s' if n_images != 1 else ''} in this chat</div>")
+    s = last["stats"]
+    bits = []
+    if s.get("ttft_s") is not None:
+        bits.append(f"first token {s['ttft_s']:.2f} s")
+    if s.get("decode_tokens_per_s") is not None:
+        bits.append(f"{s['decode_tokens_per_s']:.1f} tokens/s")
+    bits.append(f"{int(s.get('new_tokens', 0)):,} tokens")
+    if last["status"] == "stopped":
+        bits.append("stopped")
+    used = int(s.get("prompt_tokens", 0)) + int(s.get("new_tokens", 0))
+    left = max(0, max_context - used)
+    line = (" · ".join(bits) + f" &nbsp;|&nbsp; context: {used:,} of {max_context:,} tokens used, {left:,} left "
+            f"({n_images} image{'s' if n_images != 1 else ''} × {image_tokens})")
+    dropped = int(s.get("dropped_turns", 0) or 0)
+    if dropped:
+        line += (f'<br><span class="warn">⚠️ The {dropped} oldest turn{"s" if dropped != 1 else ""} no longer '
+                 f"fit{'s' if dropped == 1 else ''} in the context and {'were' if dropped != 1 else 'was'} left out "
+                 "of this answer. Start a new chat to talk about new images.</span>")
+    return f'<div id="dsvl-context">{line}</div>'
+
+
+# ---------------------------------------------------------------------------------------------------
+# The app
+
+
+def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Blocks:
+    """The whole UI for one loaded engine. `gpu` optionally wraps the GPU work (spaces.GPU on ZeroGPU).
+    Launch with `demo.launch(**launch_options(settings))`; the Runtime is at `demo.dsvl_runtime`."""
+    settings = settings or Settings()
+    examples = _examples()
+    rt = Runtime(engine, settings, upload_root=Path(gr.utils.get_upload_folder()), gpu=gpu)
+    max_ctx = rt.max_context_tokens
+    gdef = settings.generation
+
+    def ctx(conv, live=None):
+        return context_html(conv, max_ctx, rt.num_image_tokens, live)
+
+    with gr.Blocks(title="DeepSeek-VL chat", delete_cache=(1800, 6 * 3600), fill_height=True,
+                   analytics_enabled=False) as demo:
+        conv = gr.State([])  # canonical turns (history.py); per browser tab / API client
+        pending = gr.State(None)  # the message being sent, put back into the box if it fails
+
+        gr.HTML(banner_html(engine, settings))
+        chatbot = gr.Chatbot(
+            elem_id="dsvl-chat", show_label=False, height="62vh", min_height=380, layout="bubble",
+            buttons=["copy", "copy_all"], editable="user", feedback_options=None, examples=examples or None,
+            placeholder=(f"**Ask about your pictures.** Attach, drop or paste up to {settings.max_images} images "
+                         "per message, then ask. They are numbered Image 1, Image 2, … across the chat, so you "
+                         "can refer to them."),
+            group_consecutive_messages=False,
+        )
+        # The examples' cached copies are shared with identical uploads: never delete them.
+        rt.files.protect(f["path"] for ex in (chatbot.examples or []) for f in [*ex.get("files", []), ex.get("icon")]
+                         if isinstance(f, dict) and f.get("path"))
+        context_md = gr.HTML(ctx([]), padding=False)
+        textbox = gr.MultimodalTextbox(
+            elem_id="dsvl-input", show_label=False, file_types=["image"], file_count="multiple",
+            sources=["upload"], placeholder="Message DeepSeek-VL… (Enter to send, Shift+Enter for a new line)",
+            submit_btn=True, stop_btn=False, autofocus=True, max_lines=12, max_plain_text_length=200_000,
+        )
+        with gr.Row(elem_id="dsvl-tools"):
+            retry_btn = gr.Button("Retry", size="sm", elem_id="dsvl-retry")
+            undo_btn = gr.Button("Undo", size="sm", elem_id="dsvl-undo")
+            clear_btn = gr.Button("New chat", size="sm", elem_id="dsvl-clear")
+            export_btn = gr.Button("Export", size="sm", elem_id="dsvl-export")
+            import_btn = gr.UploadButton("Import", size="sm", file_types=[".json"], type="filepath",
+                                         elem_id="dsvl-import")
+        with gr.Accordion("Generation settings (change them, then Retry to regenerate)", open=False,
+                          elem_id="dsvl-settings"):
+            with gr.Row():
+                temperature = gr.Slider(0.0, 2.0, value=gdef.temperature, step=0.05, label="Temperature",
+                                        info="0 = always the most likely word")
+                top_p = gr.Slider(0.05, 1.0, value=gdef.top_p, step=0.01, label="Top-p")
+                top_k = gr.Slider(0, 200, value=gdef.top_k, step=1, label="Top-k", info="0 = off")
+            with gr.Row():
+                max_new_tokens = gr.Slider(1, max(1, min(4096, max_ctx)), value=min(gdef.max_new_tokens, max_ctx),
+                                           step=1, label="Max new tokens", elem_id="dsvl-max-new-tokens")
+                repetition_penalty = gr.Slider(1.0, 2.0, value=gdef.repetition_penalty, step=0.01,
+                                               label="Repetition penalty")
+                seed = gr.Number(value=gdef.seed, precision=0, label="Seed", info="-1 = random")
+        gr.Markdown(
+            "<small>Conversations live in this browser tab only; the server keeps no log of them. Closing the tab "
+            "deletes your uploads from the server.</small>", elem_id="dsvl-privacy")
+
+        # Hidden parts of the API and of Export.
+        with gr.Column(visible=False):
+            api_history = gr.JSON(value=[], label="history")
+            api_answer = gr.Textbox(label="answer")
+            api_btn = gr.Button("chat")
+            api_clear_btn = gr.Button("clear")
+            export_data = gr.Textbox(label="export")
+
+        sliders = [temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed]
+        tools = [retry_btn, undo_btn, clear_btn, export_btn, import_btn]
+
+        def busy():
+            return [gr.update(interactive=False) for _ in tools]
+
+        def idle():
+            return [gr.update(interactive=True) for _ in tools]
+
+        def staged(conv_, message):
+            """Outputs of every 'stage' step: input locked with Stop showing, user turn shown."""
+            box = gr.update(interactive=False, submit_btn=False, stop_btn=True)
+            if message is not None:
+                box = gr.update(value=None, interactive=False, submit_btn=False, stop_btn=True)
+            return [box, history.chatbot_messages(conv_), conv_, message, ctx(conv_, "Waiting for the model…"),
+                    *busy()]
+
+        stage_outputs = [textbox, chatbot, conv, pending, context_md, *tools]
+
+        def user_message(message: Any, request: gr.Request) -> dict:
+            """Check a {"text", "files"} message; returns the user turn. Raises gr.Error."""
+            if isinstance(message, str):
+                message = {"text": message, "files": []}
+            message = message or {}
+            text = history.clean_text(message.get("text"))
+            files = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", ""))
+                     for f in (message.get("files") or [])]
+            if not text.strip() and not files:
+                raise gr.Error("Type a question or attach an image first.", title="Nothing to send")
+            try:
+                check_files(files, max_images=settings.max_images, max_bytes=settings.max_file_size)
+            except UploadError as exc:
+                raise gr.Error(str(exc), title="Image refused") from None
+            rt.files.track(request.session_hash, files)
+            return history.user_turn(text, files)
+
+        # -- stage steps (queued, but without a concurrency limit: instant) ---------------------------
+        def stage_message(message, conv_, request: gr.Request):
+            turn = user_message(message, request)
+            return staged([*conv_, turn], {"text": turn["text"], "files": turn["images"]})
+
+        def stage_example(conv_, evt: gr.SelectData, request: gr.Request):
+            value = dict(evt.value or {})
+            value["files"] = [f["path"] if isinstance(f, dict) else f for f in value.get("files", [])]
+            turn = user_message(value, request)
+            return staged([*conv_, turn], {"text": turn["text"], "files": turn["images"]})
+
+        def stage_retry(conv_):
+            i = history.last_user_index(conv_)
+            if i is None:
+                raise gr.Error("There is no question to answer again yet.", title="Nothing to retry")
+            return staged(conv_[: i + 1], None)
+
+        def stage_edit(conv_, evt: gr.EditData):
+            index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+            i = history.turn_index_for_chatbot_index(conv_, int(index))
+            if conv_[i]["role"] != "user":
+                raise gr.Error("Only your own messages can be edited.", title="Not editable")
+            turn = history.user_turn(str(evt.value or ""), conv_[i]["images"])
+            if not turn["text"].strip() and not turn["images"]:
+                raise gr.Error("The edited message is empty.", title="Nothing to send")
+            return staged([*conv_[:i], turn], None)
+
+        # -- the queued, streaming step ---------------------------------------------------------------
+        def answer(conv_, t, p, k, n, r, s, request: gr.Request):
+            session = request.session_hash
+            epoch = rt.epoch(session)
+            started = False
+            try:
+                params = generation_params(t, p, k, n, r, s, max_context_tokens=max_ctx, defaults=gdef)
+                with closing(rt.reply(session, conv_, params)) as replies:
+                    for reply in replies:
+                        if rt.epoch(session) != epoch:
+                            return  # "New chat" was pressed meanwhile: this reply belongs to nobody
+                        started = True
+                        new = [*conv_, reply.turn()]
+                        live = None if reply.status != "pending" else (
+                            f"Writing… {reply.new_tokens} tokens" if reply.text
+                            else "Reading the images and your question…")
+                        yield history.chatbot_messages(new), new, ctx(new, live)
+            except UserError as exc:
+                if started:
+                    yield history.chatbot_messages(conv_), conv_, gr.skip()
+                raise gr.Error(exc.message, title=exc.title) from None
+            except Exception as exc:
+                log.exception("generation failed")
+                if started:
+                    yield history.chatbot_messages(conv_), conv_, gr.skip()
+                raise gr.Error(f"The model failed on this request ({type(exc).__name__}: {exc}). Your message is "
+                               "back in the box; try again, or with fewer/smaller images.", title="Model error") from None
+
+        def finish(conv_, pending_, request: gr.Request):
+            """After every chain (success, error or Stop): unlock the input. A user turn left without an
+            answer means the request failed or was stopped before it began: take the turn back and, when
+            it came from the input box, put it there again."""
+            conv_ = list(conv_)
+            box = gr.update(interactive=True, submit_btn=True, stop_btn=False)
+            if conv_ and conv_[-1]["role"] == "user" and pending_ is not None:
+                conv_.pop()
+                box = gr.update(value=pending_, interactive=True, submit_btn=True, stop_btn=False)
+            elif conv_ and conv_[-1]["role"] == "assistant" and conv_[-1]["status"] == "pending":
+                # Stopped by Gradio's cancel before the reply's last update: take the engine's stats if in.
+                stats = {**conv_[-1].get("stats", {}), **rt.last_stats.get(request.session_hash, {})}
+                conv_[-1] = {**conv_[-1], "status": "stopped", "stats": stats}
+            return [box, history.chatbot_messages(conv_), conv_, None, ctx(conv_), *idle()]
+
+        answer_kwargs = dict(fn=answer, inputs=[conv, *sliders], outputs=[chatbot, conv, context_md],
+                             concurrency_id=GPU, concurrency_limit=settings.concurrency, show_progress="minimal",
+                             api_visibility="private")
+        finish_kwargs = dict(fn=finish, inputs=[conv, pending], outputs=stage_outputs, queue=False,
+                             api_visibility="private")
+        private = dict(queue=False, api_visibility="private")
+        # Queued (so that a gr.Error reaches the browser as a message) but never waiting behind the model.
+        staging = dict(queue=True, concurrency_limit=None, api_visibility="private", show_progress="hidden")
+
+        running = []
+        for trigger, fn, inputs in [
+            (textbox.submit, stage_message, [textbox, conv]),
+            (chatbot.example_select, stage_example, [conv]),
+            (retry_btn.click, stage_retry, [conv]),
+            (chatbot.retry, stage_retry, [conv]),
+            (chatbot.edit, stage_edit, [conv]),
+        ]:
+            ev = trigger(fn, inputs, stage_outputs, **staging)
+            gen = ev.success(**answer_kwargs)
+            gen.then(**finish_kwargs)
+            gen.failure(**finish_kwargs)  # Gradio 6.31's browser runs only .failure listeners after an error
+            running.append(gen)
+
+        def stop(request: gr.Request):
+            rt.cancel(request.session_hash)
+
+        textbox.stop(stop, None, None, cancels=running, **private)
+
+        # -- undo / clear / export / import ---------------------------------------------------------
+        def undo(conv_, box):
+            i = history.last_user_index(conv_)
+            if i is None:
+                gr.Info("Nothing to undo.")
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            turn, rest = conv_[i], conv_[:i]
+            box_empty = not box or (not (box.get("text") or "").strip() and not box.get("files"))
+            new_box = {"text": turn["text"], "files": turn["images"]} if box_empty else gr.skip()
+            return new_box, history.chatbot_messages(rest), rest, ctx(rest)
+
+        for trigger in (undo_btn.click, chatbot.undo):
+            trigger(undo, [conv, textbox], [textbox, chatbot, conv, context_md], **private)
+
+        def new_chat(request: gr.Request):
+            rt.new_conversation(request.session_hash)
+            return [], [], ctx([])
+
+        for trigger in (clear_btn.click, chatbot.clear):
+            trigger(new_chat, None, [chatbot, conv, context_md], **private)
+
+        def do_export(conv_):
+            if not conv_:
+                gr.Info("Nothing to export yet.")
+                return ""
+            try:
+                return json.dumps(history.export_conversation(conv_, settings.model), ensure_ascii=False)
+            except OSError as exc:
+                raise gr.Error(f"An image of this chat is no longer on the server ({exc.filename}).",
+                               title="Export failed") from None
+
+        export_btn.click(do_export, [conv], [export_data], **private).then(
+            None, [export_data], None, js=DOWNLOAD_JS, **private)
+
+        def do_import(path, request: gr.Request):
+            session = request.session_hash
+            if not path:
+                return gr.skip(), gr.skip(), gr.skip()
+            try:
+                raw = Path(path).read_bytes()
+            finally:
+                if is_within(path, [rt.upload_root]):
+                    Path(path).unlink(missing_ok=True)  # the JSON itself is not kept
+            out_dir = rt.import_root / uuid.uuid4().hex
+            try:
+                turns, written = history.import_conversation(raw, out_dir, max_image_bytes=settings.max_file_size)
+                for p in written:
+                    check_image(p, settings.max_file_size)
+            except (history.ConversationFormatError, UploadError) as exc:
+                shutil.rmtree(out_dir, ignore_errors=True)
+                raise gr.Error(f"Could not import this file: {exc}", title="Import failed") from None
+            rt.files.track_dir(session, out_dir)
+            rt.new_conversation(session)
+            gr.Info(f"Imported {len(turns)} messages and {len(written)} images.")
+            return history.chatbot_messages(turns), turns, ctx(turns)
+
+        import_btn.upload(do_import, [import_btn], [chatbot, conv, context_md], api_visibility="private")
+
+        # -- API: /chat and /clear --------------------------------------------------------------------
+        def chat(message, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, history,
+                 conv_, request: gr.Request):
+            """Send one message ({"text": str, "files": [image, ...]}) and stream the answer.
+
+            The conversation is kept per client session (a gradio_client Client), so successive calls
+            continue it; /clear starts a new one. `history` (optional) replaces it: a list of messages in
+            Gradio's typed or raw shape or the engine's shape; its files must be earlier uploads."""
+            session = request.session_hash
+            epoch = rt.epoch(session)
+            base = conv_ if history in (None, "", []) else _api_history(history, rt)
+            turn = user_message(message, request)
+            new = [*base, turn]
+            params = generation_params(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+                                       max_context_tokens=max_ctx, defaults=gdef)
+            started = False
+            try:
+                with closing(rt.reply(session, new, params)) as replies:
+                    for reply in replies:
+                        if rt.epoch(session) != epoch:
+                            return  # /clear meanwhile
+                        started = True
+                        yield reply.text, [*new, reply.turn()]
+            except UserError as exc:
+                if started:  # a failed call leaves the session's conversation as it was (no half turn)
+                    yield gr.skip(), base
+                raise gr.Error(exc.message, title=exc.title) from None
+            except Exception as exc:
+                log.exception("generation failed")
+                if started:
+                    yield gr.skip(), base
+                raise gr.Error(f"The model failed on this request ({type(exc).__name__}: {exc}).",
+                               title="Model error") from None
+
+        api_btn.click(chat, [textbox, *sliders, api_history, conv], [api_answer, conv], api_name="chat",
+                      concurrency_id=GPU, concurrency_limit=settings.concurrency, api_visibility="public")
+
+        def clear_api(request: gr.Request):
+            """Start a new conversation for this client session (frees its caches on the server)."""
+            rt.new_conversation(request.session_hash)
+            return []
+
+        api_clear_btn.click(clear_api, None, [conv], api_name="clear", queue=False, api_visibility="public")
+
+        def on_unload(request: gr.Request):
+            rt.end_session(request.session_hash)
+
+        demo.unload(on_unload)
+
+    demo.queue(max_size=settings.max_queue, default_concurrency_limit=4)
+    demo.dsvl_runtime = rt
+    return demo
+
+
+def _api_history(value: Any, rt: Runtime) -> list[dict]:
+    try:
+        turns = history.normalize_history(value)
+    except history.ConversationFormatError as exc:
+        raise gr.Error(f"history: {exc}", title="Bad history") from None
+    for t in turns:
+        for p in t.get("images", ()):
+            if not is_within(p, [rt.upload_root]):
+                raise gr.Error("history may only refer to files uploaded to this server.", title="Bad history")
+    return turns
+
+
+def launch_options(settings: Settings, **overrides) -> dict:
+    """Keyword arguments for `demo.launch` from the settings (tests pass a free port and
+    prevent_thread_lock=True through `overrides`)."""
+    opts = dict(
+        server_name=settings.host, server_port=settings.port, share=settings.share, auth=settings.auth_pairs(),
+        auth_message="DeepSeek-VL chat: please log in." if settings.auth else None,
+        max_file_size=settings.max_file_size, css=CSS, theme=gr.themes.Soft(primary_hue="indigo"),
+        footer_links=["api", "gradio", "settings"], run_history=False, ssr_mode=False,
+        show_error=True, allowed_paths=[],
+    )
+    opts.update(overrides)
+    return opts
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def start_in_background(engine, settings: Settings | None = None, **launch_overrides) -> tuple[gr.Blocks, str]:
+    """Build and launch the app without blocking (tests, notebooks): returns (demo, url). Stop it with
+    `demo.close()`. Binds 127.0.0.1 on a free port unless told otherwise."""
+    settings = settings or Settings()
+    demo = build_app(engine, settings)
+    opts = launch_options(settings, server_name="127.0.0.1", server_port=free_port(), share=False,
+                          prevent_thread_lock=True, quiet=True)
+    opts.update(launch_overrides)
+    demo.launch(**opts)
+    return demo, f"http://{opts['server_name']}:{opts['server_port']}/"
