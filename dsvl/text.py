@@ -21,6 +21,17 @@ BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
 IMAGE_TOKEN = "<image_placeholder>"
 
+
+def valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (e.g. invalid UTF-8 decoded with surrogateescape, or "\\ud800" in JSON) as
+    U+FFFD: the `tokenizers` backend refuses such strings with an opaque TypeError."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+
+
 SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. "
     "You are able to understand the visual content that the user provides, "
@@ -156,7 +167,10 @@ class Tokenizer:
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json")
-        backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception that names no file)
+            raise ValueError(f"{path / 'tokenizer.json'}: not a valid tokenizer file ({e})") from None
         cfg = _read_json(path / "tokenizer_config.json")
         smap = _read_json(path / "special_tokens_map.json")
 
@@ -181,7 +195,7 @@ class Tokenizer:
         """Token ids of `text`; special-token strings in `text` become their ids. BOS is prepended here rather
         than by the file's post-processor so that exactly one BOS is added whatever the post-processor does
         (for the DeepSeek files the two agree: the post-processor prepends just BOS)."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = self.backend.encode(valid_unicode(text), add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
     def encode_plain(self, text: str) -> list[int]:
@@ -190,7 +204,7 @@ class Tokenizer:
             plain = HFTokenizer.from_str(self.backend.to_str())
             plain.encode_special_tokens = True
             self._plain = plain
-        return self._plain.encode(text, add_special_tokens=False).ids
+        return self._plain.encode(valid_unicode(text), add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; ids outside the vocabulary are skipped."""

@@ -21,7 +21,8 @@ reached from here.
 Options:
   * point at a local copy:             python app.py --model /path/to/deepseek-vl-7b-chat
   * try the interface with random weights (answers are noise):
-        python -m dsvl.tiny ./checkpoints/tiny --size tiny && python app.py --model ./checkpoints/tiny
+        python app.py --model random:tiny
+    (or write a random checkpoint yourself: python -m dsvl.tiny ./checkpoints/tiny, then --model ./checkpoints/tiny)
   * if the model is in another Hugging Face cache, point HF_HOME at it and set HF_HUB_OFFLINE=1.
 """
 
