@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         print(line, file=sys.stderr, flush=True)
     if on_spaces:
         settings.share = False
+    # Each server gets its own upload folder (before gradio is imported: it reads the variable at import).
+    # Two servers sharing /tmp/gradio would delete each other's identical uploads when a session ends.
+    os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="dsvl-chat-uploads-"))
 
     engine = load_engine(settings)
 

@@ -36,6 +36,14 @@ class UserError(Exception):
         self.message = message
 
 
+def failure_message(exc: BaseException) -> str:
+    """What a person reads when the engine fails on their request (the traceback goes to the log)."""
+    if "OutOfMemoryError" in type(exc).__name__ or "out of memory" in str(exc).lower():
+        return ("The model ran out of memory on this request. Try fewer or smaller images, a shorter "
+                "conversation (New chat) or fewer max new tokens; other conversations are not affected.")
+    return f"The model failed on this request ({type(exc).__name__}: {exc})."
+
+
 @dataclass
 class Reply:
     text: str = ""

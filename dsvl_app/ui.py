@@ -25,7 +25,7 @@ from typing import Any
 import gradio as gr
 
 from . import history
-from .runtime import Runtime, UserError, generation_params
+from .runtime import Runtime, UserError, failure_message, generation_params
 from .settings import Settings
 from .uploads import UploadError, check_files, check_image, human_size, is_within
 
@@ -314,8 +314,8 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                 log.exception("generation failed")
                 if started:
                     yield history.chatbot_messages(conv_), conv_, gr.skip()
-                raise gr.Error(f"The model failed on this request ({type(exc).__name__}: {exc}). Your message is "
-                               "back in the box; try again, or with fewer/smaller images.", title="Model error") from None
+                raise gr.Error(f"{failure_message(exc)} Your message is back in the box.",
+                               title="Model error") from None
 
         def finish(conv_, pending_, request: gr.Request):
             """After every chain (success, error or Stop): unlock the input. A user turn left without an
@@ -449,8 +449,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                 log.exception("generation failed")
                 if started:
                     yield gr.skip(), base
-                raise gr.Error(f"The model failed on this request ({type(exc).__name__}: {exc}).",
-                               title="Model error") from None
+                raise gr.Error(failure_message(exc), title="Model error") from None
 
         api_btn.click(chat, [textbox, *sliders, api_history, conv], [api_answer, conv], api_name="chat",
                       concurrency_id=GPU, concurrency_limit=settings.concurrency, api_visibility="public")
