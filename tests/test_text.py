@@ -22,9 +22,9 @@ from dsvl.text import (
     write_tiny_tokenizer,
 )
 
-CASES = json.loads(
-    (Path(__file__).resolve().parents[2] / "shared" / "reference" / "chat-format-cases.json").read_text(encoding="utf-8")
-)
+# Golden prompts rendered by the reference chat template (a copy of shared/reference/chat-format-cases.json).
+CASES = json.loads((Path(__file__).parent / "data" / "chat-format-cases.json").read_text(encoding="utf-8"))
+assert len(CASES) >= 9
 
 TEXTS = [
     "Describe this image.",
