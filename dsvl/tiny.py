@@ -60,7 +60,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def random_tensor(name: str, shape: tuple[int, ...], seed: int, hidden_size: int) -> Tensor:
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, hidden_size: int, num_layers: int = 1) -> Tensor:
     """float32 values for our tensor ``name``."""
     g = _generator(seed, name)
     leaf = name.rsplit(".", 2)
@@ -81,7 +81,12 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, hidden_size: int
     if attr == "pos_embed" or name.endswith("position_embedding.weight"):
         return x.mul_(0.2)
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
-    return x.mul_(1.0 / math.sqrt(fan_in))  # variance-preserving linears and convs
+    x.mul_(1.0 / math.sqrt(fan_in))  # variance-preserving linears and convs
+    if "language_model" in name and attr == "weight" and module in ("o_proj", "down_proj"):
+        # GPT-2-style residual scaling: like a trained LLM, each block adds a little to the residual stream
+        # rather than as much as the embedding (which would make any noise, e.g. 4-bit weights, compound).
+        x.mul_(1.0 / math.sqrt(2 * num_layers))
+    return x
 
 
 # ---- planning what to write ----------------------------------------------------------------------
@@ -102,7 +107,8 @@ def plan_tensors(config: DsvlConfig, layout: str, seed: int) -> list[OutTensor]:
     ours = dict(iter_expected(config))
     if config.tie_word_embeddings:
         ours.pop("lm_head.weight", None)  # a tied checkpoint stores no lm_head (the loader ties it)
-    make = lambda n: (lambda: random_tensor(n, ours[n], seed, hidden))  # noqa: E731
+    layers = config.text.num_hidden_layers
+    make = lambda n: (lambda: random_tensor(n, ours[n], seed, hidden, layers))  # noqa: E731
     out: list[OutTensor] = []
     for name, shape in ours.items():
         m = _QKV.match(name) if layout == "original" else None

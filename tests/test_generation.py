@@ -97,7 +97,7 @@ def test_greedy_equals_full_recompute_loop(engine, images):
 
 
 def test_greedy_equals_transformers_generate(engine, images, tiny_checkpoint):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     ref = transformers.DeepseekVLHybridForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)
     ref.eval()
     size = engine.tokenizer.size

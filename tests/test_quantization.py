@@ -13,7 +13,7 @@ from dsvl.config import DsvlConfig
 from dsvl.quantization import (QuantizationError, check_mode, choose_auto, estimate_bytes, is_quantizable,
                                module_weight_bytes, quantize_linear, quantized_layer_bytes, weight_bytes)
 
-pytest.importorskip("bitsandbytes")
+import bitsandbytes  # noqa: E402,F401  (a runtime requirement: fail, never skip, without it)
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +27,16 @@ def _logits(engine, text: str) -> torch.Tensor:
         return engine.model(ids).logits[0].float()
 
 
-# Logits cosine against float32. int8 meets the 0.99 with a wide margin (0.9998). NF4 does not reach 0.99
-# on this random tiny model (0.978-0.991 depending on the prompt): NF4 itself keeps a Gaussian weight matrix at
-# cosine 0.9958 (checked below), and with random variance-preserving weights every sublayer adds as much to the
-# residual stream as the embedding does, so the 4-bit noise of 14 linears compounds undiluted. The bound below is
-# what NF4 can deliver here; a broken NF4 path (wrong blocks, dtype, layout) lands far below it.
-@pytest.mark.parametrize("mode,max_ratio,min_cos", [("nf4", 0.3, 0.98), ("int8", 0.55, 0.999)])
+# Logits cosine against float32, the bound of 0.99 for both (NF4 measures about 0.996, int8 0.9999).
+# NF4 keeps a single Gaussian weight matrix at cosine ~0.996 (checked below); the random checkpoint scales the
+# decoder's residual projections like a trained model (GPT-2 init), so the noise of 14 linears does not compound.
+@pytest.mark.parametrize("mode,max_ratio,min_cos", [("nf4", 0.3, 0.99), ("int8", 0.55, 0.999)])
 def test_quantized_logits_and_memory(full, tiny_checkpoint, mode, max_ratio, min_cos):
     q = dsvl.load(str(tiny_checkpoint), device="cpu", dtype="float32", quantization=mode)
     assert q.quantization == mode
     names = [n for n, m in q.model.named_modules() if is_quantizable(n)]
     assert len(names) == 7 * q.config.text.num_hidden_layers
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     kind = bnb.nn.Linear4bit if mode == "nf4" else bnb.nn.Linear8bitLt
     assert all(isinstance(q.model.get_submodule(n), kind) for n in names)
     # Everything else stays a plain 16/32-bit Linear.
