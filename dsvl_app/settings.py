@@ -89,7 +89,8 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
         "environment variable named in brackets.",
     )
     p.add_argument("--model", default=e("DSVL_MODEL", d.model),
-                   help="hub id or local checkpoint directory [DSVL_MODEL] (default: %(default)s)")
+                   help="hub id, local checkpoint directory, or random:tiny|mid|7b (random weights, to try the UI) "
+                        "[DSVL_MODEL] (default: %(default)s)")
     p.add_argument("--quantization", choices=["auto", "none", "int8", "nf4"],
                    default=e("DSVL_QUANTIZATION", d.quantization), help="[DSVL_QUANTIZATION] (default: %(default)s)")
     p.add_argument("--device", default=e("DSVL_DEVICE", d.device),
