@@ -19,3 +19,15 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-checkpoint")
     write_checkpoint(out, size="tiny", layout="converted", seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def processor_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Only the tokenizer/processor side of a checkpoint (no weights): for the text and processor tests."""
+    from dsvl.processor import write_processor_files
+    from dsvl.text import write_tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("processor-files")
+    write_tiny_tokenizer(out)
+    write_processor_files(out)
+    return out

@@ -13,15 +13,12 @@ from PIL import Image
 
 from dsvl.images import ImageError
 from dsvl.processor import ContextOverflowError, Processor, Prompt, image_key, write_processor_files
-from dsvl.text import EOS_TOKEN, IMAGE_TOKEN, write_tiny_tokenizer
+from dsvl.text import EOS_TOKEN, IMAGE_TOKEN
 
 
 @pytest.fixture(scope="module")
-def proc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("processor")
-    write_tiny_tokenizer(out)
-    write_processor_files(out)
-    return out
+def proc_dir(processor_files: Path) -> Path:
+    return processor_files
 
 
 @pytest.fixture(scope="module")

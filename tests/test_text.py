@@ -10,7 +10,6 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders
 
-from dsvl.processor import write_processor_files
 from dsvl.text import (
     BOS_TOKEN,
     CHAT_TEMPLATE,
@@ -38,11 +37,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tok")
-    write_tiny_tokenizer(out)
-    write_processor_files(out)
-    return out
+def tok_dir(processor_files: Path) -> Path:
+    return processor_files
 
 
 @pytest.fixture(scope="module")
