@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -23,7 +25,6 @@ Options:
   * point at a local copy:             python app.py --model /path/to/deepseek-vl-7b-chat
   * try the interface with random weights (answers are noise):
         python app.py --model random:tiny
-    (or write a random checkpoint yourself: python -m dsvl.tiny ./checkpoints/tiny, then --model ./checkpoints/tiny)
   * if the model is in another Hugging Face cache, point HF_HOME at it and set HF_HUB_OFFLINE=1.
 """
 
@@ -130,13 +131,24 @@ def main(argv: list[str] | None = None) -> None:
         print(line, file=sys.stderr, flush=True)
     if on_spaces:
         settings.share = False
+    engine = load_engine(settings)
     # Each server gets its own upload folder (before gradio is imported: it reads the variable at import).
     # Two servers sharing /tmp/gradio would delete each other's identical uploads when a session ends.
-    os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="dsvl-chat-uploads-"))
+    own_folder = None
+    if "GRADIO_TEMP_DIR" not in os.environ:
+        own_folder = os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="dsvl-chat-uploads-")
+    # SIGTERM is how Spaces, systemd and Docker stop a server: treat it as Ctrl+C, so that Gradio closes the
+    # server and the `finally` below deletes the users' uploads.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        from .ui import build_app, launch_options
 
-    engine = load_engine(settings)
+        demo = build_app(engine, settings, gpu=spaces_gpu())
+        demo.launch(**launch_options(settings))
+    finally:
+        if own_folder:
+            shutil.rmtree(own_folder, ignore_errors=True)
 
-    from .ui import build_app, launch_options
 
-    demo = build_app(engine, settings, gpu=spaces_gpu())
-    demo.launch(**launch_options(settings))
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
