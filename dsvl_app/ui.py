@@ -24,9 +24,9 @@ from typing import Any
 
 import gradio as gr
 
-from . import history
+from . import history, rendering
 from .runtime import Runtime, UserError, failure_message, generation_params
-from .settings import Settings
+from .settings import DEFAULT_MODEL, Settings
 from .uploads import UploadError, check_files, check_image, human_size, is_within
 
 log = logging.getLogger("dsvl_app")
@@ -41,11 +41,27 @@ CSS = """
 #dsvl-banner .name { font-weight:700; font-size:1.05rem; }
 #dsvl-banner .chip { padding:.1rem .5rem; border-radius:999px; background:var(--background-fill-secondary);
                      border:1px solid var(--border-color-primary); font-family:var(--font-mono); font-size:.82rem; }
-#dsvl-random { margin-top:.5rem; padding:.7rem 1rem; border-radius:10px; font-weight:600;
-               background:#fde8e8; color:#8a1c1c; border:2px solid #e02424; }
+/* the test-model warning: the theme's error colours, so that it reads in light and dark mode alike */
+#dsvl-random { margin-top:.5rem; padding:.45rem .8rem; border-radius:10px; font-weight:600; font-size:.9rem;
+               background:var(--error-background-fill); color:var(--error-text-color);
+               border:2px solid var(--error-border-color); }
+#dsvl-random code { background:transparent; color:inherit; font-weight:700; padding:0; }
 #dsvl-context { font-size:.85rem; color:var(--body-text-color-subdued); min-height:1.4rem; padding:0 .3rem; }
 #dsvl-context .warn { color:#b45309; font-weight:600; }
 #dsvl-tools button { min-width:0; }
+/* code is set at the size of the text around it (Gradio's default is smaller) */
+#dsvl-chat .message code, #dsvl-chat .message pre { font-size:inherit; }
+/* a user message's copy/edit buttons sit under the bubble, clear of the chat's own delete / copy-all buttons */
+#dsvl-chat .message-row.user-row .message-buttons-right { position:static; }
+/* the example cards look like cards in light mode too */
+#dsvl-chat .example { border:1px solid var(--border-color-primary); background:var(--block-background-fill);
+                      box-shadow:var(--shadow-drop); }
+/* a phone: a shorter chat, so that the title, the warning and the input box all fit the first screen */
+@media (max-width: 640px) {
+  #dsvl-chat { height:auto !important; min-height:300px !important; max-height:55vh !important; }
+  #dsvl-banner { font-size:.8rem; gap:.2rem .4rem; padding:.4rem .6rem; }
+  #dsvl-banner .chip:nth-of-type(n+4) { display:none; }
+}
 /* a user turn's images: one row of captioned thumbnails (captions = Image 1, Image 2, …) */
 #dsvl-chat .message.user .gallery-container .grid-wrap { height:auto !important; min-height:0 !important;
     max-height:none !important; overflow:visible !important; padding:4px !important; }
@@ -55,6 +71,22 @@ CSS = """
 #dsvl-chat .message.user:has(.gallery-container) { width:auto !important; max-width:100%; }
 #dsvl-chat .caption-label { font-weight:600; }
 footer { opacity:.85; }
+"""
+
+# Maths as DeepSeek writes it: $…$ and \(…\) inline, $$…$$ and \[…\] on a line of their own.
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "\\[", "right": "\\]", "display": True},
+         {"left": "$", "right": "$", "display": False}, {"left": "\\(", "right": "\\)", "display": False}]
+
+# The input box's send/stop buttons are icons: give them a name (screen readers) and a tooltip.
+BUTTON_NAMES_JS = """
+() => {
+  const name = () => {
+    for (const [sel, label] of [["#dsvl-input .submit-button", "Send"], ["#dsvl-input .stop-button", "Stop"]])
+      for (const b of document.querySelectorAll(sel)) { b.setAttribute("aria-label", label); b.title = label; }
+  };
+  name();
+  new MutationObserver(name).observe(document.body, {childList: true, subtree: true});
+}
 """
 
 DOWNLOAD_JS = """
@@ -118,10 +150,8 @@ def banner_html(engine, settings: Settings) -> str:
     parts.append("</div>")
     if getattr(engine, "is_random", False):
         parts.append(
-            '<div id="dsvl-random">⚠️ RANDOM WEIGHTS — this checkpoint was written by the random-checkpoint tool '
-            "(<code>python -m dsvl.tiny</code>). Every answer is meaningless noise. Use it to try the interface "
-            "only; start the app with <code>--model deepseek-community/deepseek-vl-7b-chat</code> (or a local "
-            "copy of it) for real answers.</div>")
+            '<div id="dsvl-random">⚠️ RANDOM WEIGHTS: this is a test model, its answers are noise. For real '
+            f"answers start the app with <code>--model {html.escape(DEFAULT_MODEL)}</code>.</div>")
     return "".join(parts)
 
 
@@ -175,6 +205,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                    analytics_enabled=False) as demo:
         conv = gr.State([])  # canonical turns (history.py); per browser tab / API client
         pending = gr.State(None)  # the message being sent, put back into the box if it fails
+        proposal = gr.State(None)  # a checked message: (conversation to answer, message to put back)
 
         gr.HTML(banner_html(engine, settings))
         chatbot = gr.Chatbot(
@@ -183,7 +214,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             placeholder=(f"**Ask about your pictures.** Attach, drop or paste up to {settings.max_images} images "
                          "per message, then ask. They are numbered Image 1, Image 2, … across the chat, so you "
                          "can refer to them."),
-            group_consecutive_messages=False,
+            group_consecutive_messages=False, latex_delimiters=LATEX, sanitize_html=True,
         )
         # The examples' cached copies are shared with identical uploads: never delete them.
         rt.files.protect(f["path"] for ex in (chatbot.examples or []) for f in [*ex.get("files", []), ex.get("icon")]
@@ -240,13 +271,13 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             box = gr.update(interactive=False, submit_btn=False, stop_btn=True)
             if message is not None:
                 box = gr.update(value=None, interactive=False, submit_btn=False, stop_btn=True)
-            return [box, history.chatbot_messages(conv_), conv_, message, ctx(conv_, "Waiting for the model…"),
-                    *busy()]
+            return [box, [*history.chatbot_messages(conv_), waiting_bubble()], conv_, message,
+                    ctx(conv_, "Waiting for the model…"), *busy()]
 
         stage_outputs = [textbox, chatbot, conv, pending, context_md, *tools]
 
         def user_message(message: Any, request: gr.Request) -> dict:
-            """Check a {"text", "files"} message; returns the user turn. Raises gr.Error."""
+            """Check a {"text", "files"} message; returns the user turn. Raises gr.Error (see `refused`)."""
             if isinstance(message, str):
                 message = {"text": message, "files": []}
             message = message or {}
@@ -254,68 +285,88 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             files = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", ""))
                      for f in (message.get("files") or [])]
             if not text.strip() and not files:
-                raise gr.Error("Type a question or attach an image first.", title="Nothing to send")
+                raise refused("Type a question or attach an image first.", "Nothing to send")
             try:
+                rt.files.track(request.session_hash, files)  # refused or not, deleted when the session ends
                 check_files(files, max_images=settings.max_images, max_bytes=settings.max_file_size)
             except UploadError as exc:
-                raise gr.Error(str(exc), title="Image refused") from None
-            rt.files.track(request.session_hash, files)
+                raise refused(str(exc), "Image refused") from None
             return history.user_turn(text, files)
 
-        # -- stage steps (queued, but without a concurrency limit: instant) ---------------------------
+        # -- check steps: each returns (conversation to answer, message to put back on failure) into
+        # `proposal`, or refuses. A refusal is a notice only: its outputs are that invisible State, so the chat
+        # and the input box stay as they are (Gradio marks a failed step's outputs with an error badge).
         def stage_message(message, conv_, request: gr.Request):
             turn = user_message(message, request)
-            return staged([*conv_, turn], {"text": turn["text"], "files": turn["images"]})
+            return [*conv_, turn], {"text": turn["text"], "files": turn["images"]}
 
         def stage_example(conv_, evt: gr.SelectData, request: gr.Request):
             value = dict(evt.value or {})
             value["files"] = [f["path"] if isinstance(f, dict) else f for f in value.get("files", [])]
             turn = user_message(value, request)
-            return staged([*conv_, turn], {"text": turn["text"], "files": turn["images"]})
+            return [*conv_, turn], {"text": turn["text"], "files": turn["images"]}
 
         def stage_retry(conv_):
             i = history.last_user_index(conv_)
             if i is None:
-                raise gr.Error("There is no question to answer again yet.", title="Nothing to retry")
-            return staged(conv_[: i + 1], None)
+                raise refused("There is no question to answer again yet.", "Nothing to retry")
+            return conv_[: i + 1], None
 
         def stage_edit(conv_, evt: gr.EditData):
             index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
             i = history.turn_index_for_chatbot_index(conv_, int(index))
             if conv_[i]["role"] != "user":
-                raise gr.Error("Only your own messages can be edited.", title="Not editable")
-            turn = history.user_turn(str(evt.value or ""), conv_[i]["images"])
+                raise refused("Only your own messages can be edited.", "Not editable")
+            turn = history.user_turn(rendering.typed_text(str(evt.value or "")), conv_[i]["images"])
             if not turn["text"].strip() and not turn["images"]:
-                raise gr.Error("The edited message is empty.", title="Nothing to send")
-            return staged([*conv_[:i], turn], None)
+                raise refused("The edited message is empty.", "Nothing to send")
+            return [*conv_[:i], turn], None
+
+        def show_staged(proposal_):
+            """The checked message shows at once, with the assistant's bubble saying what happens next."""
+            conv_, message = proposal_
+            return staged(conv_, message)
 
         # -- the queued, streaming step ---------------------------------------------------------------
         def answer(conv_, t, p, k, n, r, s, request: gr.Request):
+            """Streams the reply. A failure is a notice, not an error of this step (which would cover the chat
+            with an error badge): the chat goes back to the question, and `finish` puts it back in the box."""
             session = request.session_hash
             epoch = rt.epoch(session)
-            started = False
+            shown = history.chatbot_messages(conv_)
+            yield [*shown, working_bubble(conv_)], gr.skip(), ctx(conv_, "Reading your message…")
             try:
                 params = generation_params(t, p, k, n, r, s, max_context_tokens=max_ctx, defaults=gdef)
                 with closing(rt.reply(session, conv_, params)) as replies:
                     for reply in replies:
                         if rt.epoch(session) != epoch:
                             return  # "New chat" was pressed meanwhile: this reply belongs to nobody
-                        started = True
                         new = [*conv_, reply.turn()]
-                        live = None if reply.status != "pending" else (
-                            f"Writing… {reply.new_tokens} tokens" if reply.text
-                            else "Reading the images and your question…")
+                        if reply.status == "pending" and not reply.text:
+                            continue  # the bubble keeps saying what happens until the first token
+                        live = f"Writing… {reply.new_tokens} tokens" if reply.status == "pending" else None
                         yield history.chatbot_messages(new), new, ctx(new, live)
             except UserError as exc:
-                if started:
-                    yield history.chatbot_messages(conv_), conv_, gr.skip()
-                raise gr.Error(exc.message, title=exc.title) from None
+                log.info("refused by the model: %s", exc.title)
+                gr.Warning(f"{exc.message} Your message is back in the box.", title=exc.title)
+                yield shown, conv_, gr.skip()
             except Exception as exc:
                 log.exception("generation failed")
-                if started:
-                    yield history.chatbot_messages(conv_), conv_, gr.skip()
-                raise gr.Error(f"{failure_message(exc)} Your message is back in the box.",
-                               title="Model error") from None
+                gr.Warning(f"{failure_message(exc)} Your message is back in the box.", title="Model error")
+                yield shown, conv_, gr.skip()
+
+        def waiting_bubble():
+            """Between Send and the run: how many answers are ahead in the shared queue."""
+            ahead = queue_ahead(demo)
+            text = (f"Waiting for my turn: {ahead} answer{'s' if ahead != 1 else ''} ahead of yours…" if ahead
+                    else "Starting…")
+            return {"role": "assistant", "content": f"*⏳ {text}*"}
+
+        def working_bubble(conv_):
+            turn = conv_[-1] if conv_ else {}
+            n = len(turn.get("images", ())) if turn.get("role") == "user" else 0
+            text = f"Looking at {n} image{'s' if n != 1 else ''} and thinking…" if n else "Thinking…"
+            return {"role": "assistant", "content": f"*💭 {text}*"}
 
         def finish(conv_, pending_, request: gr.Request):
             """After every chain (success, error or Stop): unlock the input. A user turn left without an
@@ -349,8 +400,9 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             (chatbot.retry, stage_retry, [conv]),
             (chatbot.edit, stage_edit, [conv]),
         ]:
-            ev = trigger(fn, inputs, stage_outputs, **staging)
-            gen = ev.success(**answer_kwargs)
+            ev = trigger(fn, inputs, [proposal], **staging)
+            shown = ev.success(show_staged, [proposal], stage_outputs, **private)
+            gen = shown.success(**answer_kwargs)
             gen.then(**finish_kwargs)
             gen.failure(**finish_kwargs)  # Gradio 6.31's browser runs only .failure listeners after an error
             running.append(gen)
@@ -388,8 +440,8 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             try:
                 return json.dumps(history.export_conversation(conv_, settings.model), ensure_ascii=False)
             except OSError as exc:
-                raise gr.Error(f"An image of this chat is no longer on the server ({exc.filename}).",
-                               title="Export failed") from None
+                raise refused(f"An image of this chat is no longer on the server ({exc.filename}).",
+                              "Export failed") from None
 
         export_btn.click(do_export, [conv], [export_data], **private).then(
             None, [export_data], None, js=DOWNLOAD_JS, **private)
@@ -410,10 +462,12 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                     check_image(p, settings.max_file_size)
             except (history.ConversationFormatError, UploadError) as exc:
                 shutil.rmtree(out_dir, ignore_errors=True)
-                raise gr.Error(f"Could not import this file: {exc}", title="Import failed") from None
+                log.info("refused an import: %s", type(exc).__name__)
+                gr.Warning(f"Could not import this file: {exc}", title="Import failed")  # the chat stays as it is
+                return gr.skip(), gr.skip(), gr.skip()
             rt.files.track_dir(session, out_dir)
             rt.new_conversation(session)
-            gr.Info(f"Imported {len(turns)} messages and {len(written)} images.")
+            gr.Info(f"Imported {plural(len(turns), 'message')} and {plural(len(written), 'image')}.")
             return history.chatbot_messages(turns), turns, ctx(turns)
 
         import_btn.upload(do_import, [import_btn], [chatbot, conv, context_md], api_visibility="private")
@@ -444,7 +498,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             except UserError as exc:
                 if started:  # a failed call leaves the session's conversation as it was (no half turn)
                     yield gr.skip(), base
-                raise gr.Error(exc.message, title=exc.title) from None
+                raise refused(exc.message, exc.title) from None
             except Exception as exc:
                 log.exception("generation failed")
                 if started:
@@ -471,15 +525,32 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
     return demo
 
 
+def refused(message: str, title: str) -> gr.Error:
+    """The error for a user's mistake: a notice for them, one line (no traceback, no content) in the log."""
+    log.info("refused a request: %s", title)
+    return gr.Error(message, title=title, print_exception=False)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def queue_ahead(demo: gr.Blocks) -> int:
+    """Answers running or waiting in the model's queue (Gradio's queue, concurrency group "gpu")."""
+    q = getattr(demo, "_queue", None)
+    group = q.event_queue_per_concurrency_id.get(GPU) if q is not None else None
+    return 0 if group is None else len(group.queue) + group.current_concurrency
+
+
 def _api_history(value: Any, rt: Runtime) -> list[dict]:
     try:
         turns = history.normalize_history(value)
     except history.ConversationFormatError as exc:
-        raise gr.Error(f"history: {exc}", title="Bad history") from None
+        raise refused(f"history: {exc}", "Bad history") from None
     for t in turns:
         for p in t.get("images", ()):
             if not is_within(p, [rt.upload_root]):
-                raise gr.Error("history may only refer to files uploaded to this server.", title="Bad history")
+                raise refused("history may only refer to files uploaded to this server.", "Bad history")
     return turns
 
 
@@ -490,7 +561,7 @@ def launch_options(settings: Settings, **overrides) -> dict:
         server_name=settings.host, server_port=settings.port, share=settings.share, auth=settings.auth_pairs(),
         auth_message="DeepSeek-VL chat: please log in." if settings.auth else None,
         max_file_size=settings.max_file_size, css=CSS, theme=gr.themes.Soft(primary_hue="indigo"),
-        footer_links=["api", "gradio", "settings"], run_history=False, ssr_mode=False,
+        footer_links=["api", "gradio", "settings"], run_history=False, ssr_mode=False, js=BUTTON_NAMES_JS,
         show_error=True, allowed_paths=[],
     )
     opts.update(overrides)
