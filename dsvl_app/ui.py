@@ -58,7 +58,8 @@ CSS = """
                       box-shadow:var(--shadow-drop); }
 /* a phone: a shorter chat, so that the title, the warning and the input box all fit the first screen */
 @media (max-width: 640px) {
-  #dsvl-chat { height:auto !important; min-height:300px !important; max-height:55vh !important; }
+  #dsvl-chat { height:auto !important; min-height:260px !important; max-height:42vh !important; }
+  #dsvl-random { font-size:.82rem; padding:.35rem .6rem; }
   #dsvl-banner { font-size:.8rem; gap:.2rem .4rem; padding:.4rem .6rem; }
   #dsvl-banner .chip:nth-of-type(n+4) { display:none; }
 }
@@ -77,8 +78,10 @@ footer { opacity:.85; }
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "\\[", "right": "\\]", "display": True},
          {"left": "$", "right": "$", "display": False}, {"left": "\\(", "right": "\\)", "display": False}]
 
-# The input box's send/stop buttons are icons: give them a name (screen readers) and a tooltip.
-BUTTON_NAMES_JS = """
+# On page load. The input box's send/stop buttons are icons: give them a name (screen readers) and a tooltip.
+# Focus the input box without scrolling to it (the page opens at its top), and not on a phone (whose keyboard
+# would cover the page).
+PAGE_JS = """
 () => {
   const name = () => {
     for (const [sel, label] of [["#dsvl-input .submit-button", "Send"], ["#dsvl-input .stop-button", "Stop"]])
@@ -86,6 +89,8 @@ BUTTON_NAMES_JS = """
   };
   name();
   new MutationObserver(name).observe(document.body, {childList: true, subtree: true});
+  const box = document.querySelector("#dsvl-input textarea");
+  if (box && window.matchMedia("(min-width: 641px)").matches) box.focus({preventScroll: true});
 }
 """
 
@@ -209,7 +214,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
 
         gr.HTML(banner_html(engine, settings))
         chatbot = gr.Chatbot(
-            elem_id="dsvl-chat", show_label=False, height="62vh", min_height=380, layout="bubble",
+            elem_id="dsvl-chat", show_label=False, height="55vh", min_height=360, layout="bubble",
             buttons=["copy", "copy_all"], editable="user", feedback_options=None, examples=examples or None,
             placeholder=(f"**Ask about your pictures.** Attach, drop or paste up to {settings.max_images} images "
                          "per message, then ask. They are numbered Image 1, Image 2, … across the chat, so you "
@@ -223,7 +228,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
         textbox = gr.MultimodalTextbox(
             elem_id="dsvl-input", show_label=False, file_types=["image"], file_count="multiple",
             sources=["upload"], placeholder="Message DeepSeek-VL… (Enter to send, Shift+Enter for a new line)",
-            submit_btn=True, stop_btn=False, autofocus=True, max_lines=12, max_plain_text_length=200_000,
+            submit_btn=True, stop_btn=False, autofocus=False, max_lines=12, max_plain_text_length=200_000,
         )
         with gr.Row(elem_id="dsvl-tools"):
             retry_btn = gr.Button("Retry", size="sm", elem_id="dsvl-retry")
@@ -561,7 +566,7 @@ def launch_options(settings: Settings, **overrides) -> dict:
         server_name=settings.host, server_port=settings.port, share=settings.share, auth=settings.auth_pairs(),
         auth_message="DeepSeek-VL chat: please log in." if settings.auth else None,
         max_file_size=settings.max_file_size, css=CSS, theme=gr.themes.Soft(primary_hue="indigo"),
-        footer_links=["api", "gradio", "settings"], run_history=False, ssr_mode=False, js=BUTTON_NAMES_JS,
+        footer_links=["api", "gradio", "settings"], run_history=False, ssr_mode=False, js=PAGE_JS,
         show_error=True, allowed_paths=[],
     )
     opts.update(overrides)

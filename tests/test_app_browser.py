@@ -1,7 +1,7 @@
 """The app as a person uses it: Debian's chromium driven by Playwright against a live server (tiny random
 checkpoint, real `dsvl.load`). Upload two images, send, watch the answer stream in, press Stop mid-answer,
 change a setting and Retry, Undo, send again, start a New chat, run an example, Export and Import, close
-the tab; saves docs/screenshot.png.
+the tab. (The README's screenshots come from scripts/screenshot.py: tests never write tracked files.)
 
 Chromium comes from $DSVL_CHROMIUM (default /usr/bin/chromium). When it cannot run, this test fails: it
 never skips (scripts/test.sh installs chromium)."""
@@ -22,7 +22,6 @@ from dsvl_app.settings import GenerationDefaults
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
-SCREENSHOT = ROOT / "docs" / "screenshot.png"
 CHROMIUM = os.environ.get("DSVL_CHROMIUM", "/usr/bin/chromium")
 QUESTION = "What differs between Image 1 and Image 2?"  # greedy on the tiny checkpoint: a long answer, no EOS
 
@@ -128,10 +127,6 @@ def test_chat_stop_retry_undo_clear_in_a_real_browser(app, page, tmp_path):
     expect(bot.first).not_to_contain_text("stopped")
     expect(context).to_contain_text("of 4,096 tokens used")
     page.locator("#dsvl-settings").get_by_text("Generation settings").click()  # fold the settings again
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.evaluate("window.scrollTo(0, 0)")
-    page.wait_for_timeout(400)
-    page.screenshot(path=str(SCREENSHOT))
 
     # Undo: the turn leaves the chat and its text goes back into the input box.
     page.locator("#dsvl-undo").click()
