@@ -81,7 +81,8 @@ def load_engine(settings: Settings):
     t0 = time.perf_counter()
     try:
         engine = dsvl.load(model=settings.model, device=settings.device, dtype=settings.dtype,
-                           quantization=settings.quantization, max_context_tokens=settings.max_context_tokens)
+                           quantization=settings.quantization, max_context_tokens=settings.max_context_tokens,
+                           max_image_pixels=settings.max_image_pixels)
     except Exception as exc:
         if type(exc).__name__ in _LOAD_ERRORS:
             raise SystemExit(f"Could not load the model: {exc}") from None

@@ -40,6 +40,7 @@ class Settings:
     concurrency: int = 1  # generations running at once
     max_queue: int = 32  # requests waiting; more are refused with "queue is full"
     max_file_size: int = 20 * 1024 * 1024  # bytes, per uploaded file
+    max_image_pixels: int | None = None  # width x height; None = the core's limit (dsvl.images.DEFAULT_MAX_PIXELS)
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     def auth_pairs(self) -> list[tuple[str, str]] | None:
@@ -118,6 +119,10 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
                    help="requests allowed to wait; more get 'queue is full' [DSVL_MAX_QUEUE] (default: %(default)s)")
     p.add_argument("--max-file-size", default=e("DSVL_MAX_FILE_SIZE", "20MB"),
                    help="largest accepted upload, e.g. 20MB [DSVL_MAX_FILE_SIZE] (default: %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=e("DSVL_MAX_IMAGE_PIXELS", None),
+                   help="largest image accepted, in pixels (width x height), checked on the declared size before "
+                        "decoding (a decompression bomb is refused unread) [DSVL_MAX_IMAGE_PIXELS] "
+                        "(default: the core's limit, 40 MP)")
     return p
 
 
@@ -130,6 +135,8 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
             parse_auth(a.auth)
     except ValueError as exc:
         parser.error(str(exc))
+    if a.max_image_pixels is not None and a.max_image_pixels < 1:
+        parser.error("--max-image-pixels must be positive")
     for name in ("max_images", "max_context_tokens", "concurrency", "max_queue", "port"):
         if getattr(a, name) < (0 if name == "port" else 1):
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -137,5 +144,5 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         model=a.model, quantization=a.quantization, device=a.device, dtype=a.dtype, host=a.host,
         port=a.port, share=bool(a.share), auth=a.auth or None, max_images=a.max_images,
         max_context_tokens=a.max_context_tokens, concurrency=a.concurrency, max_queue=a.max_queue,
-        max_file_size=max_file_size,
+        max_file_size=max_file_size, max_image_pixels=a.max_image_pixels,
     )

@@ -291,10 +291,14 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                      for f in (message.get("files") or [])]
             if not text.strip() and not files:
                 raise refused("Type a question or attach an image first.", "Nothing to send")
+            new = rt.files.track(request.session_hash, files)  # deleted when the session ends
             try:
-                rt.files.track(request.session_hash, files)  # refused or not, deleted when the session ends
-                check_files(files, max_images=settings.max_images, max_bytes=settings.max_file_size)
+                check_files(files, max_images=settings.max_images, max_bytes=settings.max_file_size,
+                            max_pixels=rt.max_image_pixels)
+                rt.files.check_quota(request.session_hash, new)
             except UploadError as exc:
+                if exc.path:  # a file that is not an image, too large, ...: deleted at once
+                    rt.files.discard(request.session_hash, [exc.path])
                 raise refused(str(exc), "Image refused") from None
             return history.user_turn(text, files)
 
@@ -464,7 +468,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             try:
                 turns, written = history.import_conversation(raw, out_dir, max_image_bytes=settings.max_file_size)
                 for p in written:
-                    check_image(p, settings.max_file_size)
+                    check_image(p, settings.max_file_size, rt.max_image_pixels)
             except (history.ConversationFormatError, UploadError) as exc:
                 shutil.rmtree(out_dir, ignore_errors=True)
                 log.info("refused an import: %s", type(exc).__name__)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from apphelpers import ASSETS, live_app, load_tiny_engine, wait_until
+from apphelpers import ASSETS, encoded, live_app, load_tiny_engine, photo, wait_until
 from dsvl_app.settings import GenerationDefaults
 
 CHROMIUM = os.environ.get("DSVL_CHROMIUM", "/usr/bin/chromium")
@@ -87,7 +87,6 @@ def test_refused_input_keeps_the_conversation_in_view(app, browser, tmp_path):
     saved.write_text(conversation_json("It is a cat."))
     import_file(page, saved)
     expect(bot).to_have_text("It is a cat.")
-    session = next(iter(rt.files._dirs))
 
     # 1. an empty send
     box.press("Enter")
@@ -98,18 +97,19 @@ def test_refused_input_keeps_the_conversation_in_view(app, browser, tmp_path):
     fake.write_bytes(b"these are my notes, not a picture\n" * 10)
     page.set_input_files(upload, str(fake))
     expect(page.locator("#dsvl-input .thumbnail-item, #dsvl-input .file-preview, #dsvl-input img")).not_to_have_count(0)
+    wait_until(lambda: list(rt.upload_root.rglob("notes.png")), timeout=20, what="the upload")
     box.fill("Look at this")
     box.press("Enter")
     notice(page, "notes.png")
     assert chat_in_view(page)
     expect(box).to_have_value("Look at this")
-    stored = [Path(p) for p in rt.files._by_session.get(session, ()) if Path(p).name == "notes.png"]
-    assert len(stored) == 1 and stored[0].exists()  # kept for the session, deleted when it ends (below)
+    # The refused file is deleted from the server at once (it stays listed in the box: the user removes it).
+    assert not list(rt.upload_root.rglob("notes.png"))
     # 3. a fifth image
     pictures = []
     for i in range(5):
         pictures.append(tmp_path / f"pic{i}.png")
-        pictures[-1].write_bytes((ASSETS / "chelsea.png").read_bytes())
+        pictures[-1].write_bytes(encoded(photo(seed=i), "PNG"))
     page.set_input_files(upload, [str(p) for p in pictures])
     box.fill("Compare them")
     box.press("Enter")
@@ -126,9 +126,10 @@ def test_refused_input_keeps_the_conversation_in_view(app, browser, tmp_path):
     expect(user.filter(has_text="What is in the picture?")).to_be_visible()
     assert page.locator("#dsvl-chat .error").count() == 0
 
-    # The refused file goes when the tab closes, with the rest of the session's uploads.
+    # The images of the refused message go when the tab closes, with the rest of the session's uploads.
+    assert list(rt.upload_root.rglob("pic4.png"))
     page.close()
-    wait_until(lambda: not stored[0].exists(), timeout=20, what="the refused upload to be deleted")
+    wait_until(lambda: not list(rt.upload_root.rglob("pic4.png")), timeout=20, what="the uploads to be deleted")
 
 
 def test_user_text_as_typed_answers_inert_and_maths_rendered(app, browser, tmp_path):
