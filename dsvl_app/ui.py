@@ -2,8 +2,10 @@
 
 Event chains (every chain that runs the model shares the concurrency group "gpu"):
 
-    send / example / retry / edit:  stage   (checks the message, shows the user turn; never waits for the model)
-                                    .success(answer)   (queued in "gpu", streams)
+    send / example / retry / edit:  check   (checks the message into the `proposal` State; a refusal is a
+                                             notice that leaves the chat and the input box as they are)
+                                    .success(show_staged)   (shows the user turn and a waiting bubble)
+                                    .success(answer)   (queued in "gpu", streams; its failures are notices too)
                                     .then / .failure(finish)   (unlocks the input; after a failure or a Stop
                                                                 before the start, puts the message back)
     Stop:   sets the session's cancel event (the engine stops within a token) and cancels the queued event.
@@ -367,14 +369,13 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
         def waiting_bubble():
             """Between Send and the run: how many answers are ahead in the shared queue."""
             ahead = queue_ahead(demo)
-            text = (f"Waiting for my turn: {ahead} answer{'s' if ahead != 1 else ''} ahead of yours…" if ahead
-                    else "Starting…")
+            text = f"Waiting for my turn: {plural(ahead, 'answer')} ahead of yours…" if ahead else "Starting…"
             return {"role": "assistant", "content": f"*⏳ {text}*"}
 
         def working_bubble(conv_):
             turn = conv_[-1] if conv_ else {}
             n = len(turn.get("images", ())) if turn.get("role") == "user" else 0
-            text = f"Looking at {n} image{'s' if n != 1 else ''} and thinking…" if n else "Thinking…"
+            text = f"Looking at {plural(n, 'image')} and thinking…" if n else "Thinking…"
             return {"role": "assistant", "content": f"*💭 {text}*"}
 
         def finish(conv_, pending_, request: gr.Request):
@@ -410,7 +411,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             (chatbot.edit, stage_edit, [conv]),
         ]:
             ev = trigger(fn, inputs, [proposal], **staging)
-            shown = ev.success(show_staged, [proposal], stage_outputs, **private)
+            shown = ev.success(show_staged, [proposal], stage_outputs, show_progress="hidden", **private)
             gen = shown.success(**answer_kwargs)
             gen.then(**finish_kwargs)
             gen.failure(**finish_kwargs)  # Gradio 6.31's browser runs only .failure listeners after an error

@@ -6,8 +6,10 @@ the server once the tab closes."""
 from __future__ import annotations
 
 import base64
+import glob
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +24,36 @@ LONG = "Tell me a long story about the sea."  # greedy on the tiny checkpoint: n
 pytestmark = pytest.mark.browser
 
 
+class Paced:
+    """The engine at a real model's pace (about 50 tokens/s; the tiny one writes hundreds a second), so that an
+    answer is still running when a test presses Stop or sends from a second tab."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def stream(self, *args, **kwargs):
+        return PacedStream(self._engine.stream(*args, **kwargs))
+
+
+class PacedStream:
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def __iter__(self):
+        for delta in self._stream:
+            time.sleep(0.02)
+            yield delta
+
+
 @pytest.fixture(scope="module")
 def app(tiny_checkpoint):
-    engine = load_tiny_engine(tiny_checkpoint)
+    engine = Paced(load_tiny_engine(tiny_checkpoint))
     gen = GenerationDefaults(temperature=0.0, seed=0, max_new_tokens=1500)
     with live_app(engine, tiny_checkpoint, generation=gen) as (demo, url):
         yield demo, url
@@ -72,6 +101,11 @@ def chat_in_view(page) -> bool:
     }""")
 
 
+def uploaded(rt, name: str) -> list[str]:
+    """Files called `name` in the server's upload folder (glob skips folders that vanish meanwhile)."""
+    return glob.glob(str(rt.upload_root / "**" / name), recursive=True)
+
+
 def notice(page, text: str):
     expect(page.locator(".toast-body").filter(has_text=text).first).to_be_visible()
 
@@ -97,14 +131,14 @@ def test_refused_input_keeps_the_conversation_in_view(app, browser, tmp_path):
     fake.write_bytes(b"these are my notes, not a picture\n" * 10)
     page.set_input_files(upload, str(fake))
     expect(page.locator("#dsvl-input .thumbnail-item, #dsvl-input .file-preview, #dsvl-input img")).not_to_have_count(0)
-    wait_until(lambda: list(rt.upload_root.rglob("notes.png")), timeout=20, what="the upload")
+    wait_until(lambda: list(uploaded(rt, "notes.png")), timeout=20, what="the upload")
     box.fill("Look at this")
     box.press("Enter")
     notice(page, "notes.png")
     assert chat_in_view(page)
     expect(box).to_have_value("Look at this")
     # The refused file is deleted from the server at once (it stays listed in the box: the user removes it).
-    assert not list(rt.upload_root.rglob("notes.png"))
+    assert not list(uploaded(rt, "notes.png"))
     # 3. a fifth image
     pictures = []
     for i in range(5):
@@ -127,9 +161,9 @@ def test_refused_input_keeps_the_conversation_in_view(app, browser, tmp_path):
     assert page.locator("#dsvl-chat .error").count() == 0
 
     # The images of the refused message go when the tab closes, with the rest of the session's uploads.
-    assert list(rt.upload_root.rglob("pic4.png"))
+    assert list(uploaded(rt, "pic4.png"))
     page.close()
-    wait_until(lambda: not list(rt.upload_root.rglob("pic4.png")), timeout=20, what="the uploads to be deleted")
+    wait_until(lambda: not list(uploaded(rt, "pic4.png")), timeout=20, what="the uploads to be deleted")
 
 
 def test_user_text_as_typed_answers_inert_and_maths_rendered(app, browser, tmp_path):
@@ -254,3 +288,38 @@ def test_stop_freezes_the_answer_on_screen_at_once(app, browser):
     late = page.evaluate("window.dsvlChanges.filter(t => t > window.dsvlClick).map(t => t - window.dsvlClick)")
     assert all(ms <= 200 for ms in late), late
     page.close()
+
+
+def test_the_answer_bubble_says_what_happens_before_the_first_token(app, browser):
+    demo, url = app
+    rt = demo.dsvl_runtime
+    first, _ = open_page(browser, url)
+    second, _ = open_page(browser, url)
+    first.locator("#dsvl-input textarea").fill(LONG)
+    first.locator("#dsvl-input textarea").press("Enter")
+    expect(first.locator("#dsvl-input .stop-button")).to_be_visible()
+    wait_until(lambda: rt.active_generations() == 1, timeout=60, what="the first answer to run")
+    # A second user waits: their bubble says so, with how many answers are ahead.
+    second.set_input_files("#dsvl-input input[data-testid=file-upload]", str(ASSETS / "chelsea.png"))
+    expect(second.locator("#dsvl-input img")).to_have_count(1)
+    second.evaluate("""() => { window.dsvlBubbles = [];  // every text the answer's bubble shows, in order
+        const chat = document.querySelector('#dsvl-chat');
+        new MutationObserver(() => { const b = chat.querySelectorAll('[data-testid=bot]');
+            const t = b.length ? b[b.length - 1].innerText.trim() : '';
+            if (t && t !== window.dsvlBubbles.at(-1)) window.dsvlBubbles.push(t); })
+            .observe(chat, {childList: true, subtree: true, characterData: true}); }""")
+    second.locator("#dsvl-input textarea").fill("What is this?")
+    second.locator("#dsvl-input textarea").press("Enter")
+    bot = second.locator("#dsvl-chat [data-testid=bot]")
+    expect(bot).to_contain_text("Waiting for my turn: 1 answer ahead of yours")
+    # Their turn comes: the bubble shows that it is at work until the first token replaces it.
+    first.locator("#dsvl-input .stop-button").click()
+    expect(bot).not_to_contain_text("Waiting", timeout=30_000)
+    expect(bot).not_to_contain_text("Looking at", timeout=60_000)
+    bubbles = second.evaluate("window.dsvlBubbles")
+    at_work = [i for i, t in enumerate(bubbles) if "Looking at 1 image and thinking" in t]
+    assert "Waiting for my turn" in bubbles[0] and at_work and at_work[0] < len(bubbles) - 1, bubbles
+    second.evaluate("document.querySelector('#dsvl-input .stop-button')?.click()")  # unless it has ended
+    expect(second.locator("#dsvl-input .submit-button")).to_be_visible(timeout=60_000)
+    first.close()
+    second.close()

@@ -1,18 +1,22 @@
 """What a server leaves behind when it stops or fails to start: nothing. Its upload folder (a fresh
 `dsvl-chat-uploads-*` under $TMPDIR) goes when SIGTERM stops it (how Spaces, systemd and Docker stop a
-process), and a start that fails leaves no folder at all."""
+process), and a start that fails leaves no folder at all. And what a user's mistake leaves in the log: one
+line, no traceback."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
 import sys
 
 import httpx
+import pytest
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
-from apphelpers import CAT, REPO, app_env, run_app, wait_until
+from apphelpers import CAT, REPO, app_env, ask, live_app, load_tiny_engine, run_app, wait_until
 from dsvl_app.ui import free_port
 
 
@@ -57,3 +61,22 @@ def test_failed_starts_leave_no_upload_folder(tiny_checkpoint, tmp_path):
                        env=app_env(TMPDIR=str(tmp_path)), timeout=90)
     assert busy.returncode != 0
     assert not list(tmp_path.glob("dsvl-chat-uploads-*")), busy.stderr
+
+
+def test_a_users_mistake_is_one_log_line_without_traceback(tiny_checkpoint, tmp_path, capfd, caplog):
+    engine = load_tiny_engine(tiny_checkpoint)
+    junk = tmp_path / "notes.png"
+    junk.write_bytes(b"not a picture\n" * 100)
+    with live_app(engine, tiny_checkpoint) as (demo, url):
+        client = Client(url, verbose=False)
+        capfd.readouterr()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dsvl_app"):
+            for text, files, reason in (("", [], "Type a question"), ("look", [junk], "not an image"),
+                                        ("four", [CAT] * 5, "at most 4")):
+                with pytest.raises(AppError, match=reason):
+                    ask(client, text, files)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    lines = [r.getMessage() for r in caplog.records if r.name == "dsvl_app"]
+    assert lines == ["refused a request: Nothing to send"] + ["refused a request: Image refused"] * 2, lines
