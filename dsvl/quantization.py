@@ -153,7 +153,8 @@ def _module_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
-    return t.device, t.data_ptr(), t.numel(), t.dtype  # the same memory (tied weights), not just the same storage
+    # The same memory (tied weights), not just the same storage; tensors without memory (meta) are all distinct.
+    return t.device, t.data_ptr() or id(t), t.numel(), t.dtype
 
 
 def _tensor_bytes(t: torch.Tensor | None) -> int:
@@ -190,8 +191,9 @@ def quantized_layer_bytes(model: nn.Module) -> dict[str, tuple[int, int]]:
     by several layers (bitsandbytes' code tables) are split among them, so the values add up to what is held."""
     layers = {name: m for name, m in model.named_modules() if is_quantizable(name)}
     now = _shared_bytes(layers)
-    return {name: (round(now[name]), 2 * (m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)))
-            for name, m in layers.items()}
+    sixteen = {name: 2 * (m.in_features * m.out_features + (m.out_features if m.bias is not None else 0))
+               for name, m in layers.items()}
+    return {name: (round(now[name]), sixteen[name]) for name in layers}
 
 
 # ---- "auto" ----------------------------------------------------------------------------------------------------
