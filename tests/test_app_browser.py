@@ -17,6 +17,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 import dsvl
+from apphelpers import Paced
 from dsvl_app import Settings, start_in_background
 from dsvl_app.settings import GenerationDefaults
 
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def app(tiny_checkpoint):
-    engine = dsvl.load(str(tiny_checkpoint), device="cpu", quantization="none", max_context_tokens=4096)
+    engine = Paced(dsvl.load(str(tiny_checkpoint), device="cpu", quantization="none", max_context_tokens=4096))
     settings = Settings(model=str(tiny_checkpoint),
                         generation=GenerationDefaults(temperature=0.0, seed=0, max_new_tokens=1500))
     demo, url = start_in_background(engine, settings)

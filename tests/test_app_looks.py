@@ -9,46 +9,18 @@ import base64
 import glob
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from apphelpers import ASSETS, encoded, live_app, load_tiny_engine, photo, wait_until
+from apphelpers import ASSETS, Paced, encoded, live_app, load_tiny_engine, photo, wait_until
 from dsvl_app.settings import GenerationDefaults
 
 CHROMIUM = os.environ.get("DSVL_CHROMIUM", "/usr/bin/chromium")
 LONG = "Tell me a long story about the sea."  # greedy on the tiny checkpoint: no EOS for many tokens
 
 pytestmark = pytest.mark.browser
-
-
-class Paced:
-    """The engine at a real model's pace (about 50 tokens/s; the tiny one writes hundreds a second), so that an
-    answer is still running when a test presses Stop or sends from a second tab."""
-
-    def __init__(self, engine):
-        self._engine = engine
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def stream(self, *args, **kwargs):
-        return PacedStream(self._engine.stream(*args, **kwargs))
-
-
-class PacedStream:
-    def __init__(self, stream):
-        self._stream = stream
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-    def __iter__(self):
-        for delta in self._stream:
-            time.sleep(0.02)
-            yield delta
 
 
 @pytest.fixture(scope="module")
