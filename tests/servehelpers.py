@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -87,3 +88,11 @@ def wait_idle(base_url: str, timeout: float = 30.0) -> None:
 def request_lines(log_path: Path) -> list[str]:
     """The server's one log line per finished request (session, tokens, stop reason)."""
     return [line for line in log_path.read_text().splitlines() if "prompt tokens (" in line]
+
+
+def parse_line(line: str) -> dict:
+    """A request line -> session, prompt_tokens, cached, new_tokens, stop_reason."""
+    m = re.search(r"(\S+): (\d+) prompt tokens \((\d+) cached\), (\d+) new, first token [\d.]+ s, (\w+)$", line)
+    assert m, line
+    return {"session": m[1], "prompt_tokens": int(m[2]), "cached": int(m[3]), "new_tokens": int(m[4]),
+            "stop_reason": m[5]}
