@@ -175,7 +175,7 @@ class OpenAIBackend:
         try:
             models = self.client.models.list().data
         except self._openai.APIError as e:
-            raise SystemExit(f"Cannot list the models of {self.api_base}: {self._describe(e)}. Check --api-base, "
+            raise SystemExit(f"Cannot list the models of {self.api_base}: {self._describe(e).rstrip('.')}. Check --api-base, "
                              f"the server, and the API key variable ({' or '.join(KEY_VARIABLES)}).") from None
         if not models:
             raise SystemExit(f"{self.api_base} serves no model; name one with --api-model.")
