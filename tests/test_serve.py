@@ -185,3 +185,9 @@ def test_busy_server_refuses_beyond_the_queue_with_503(server, client):
     t.join(60)
     assert not t.is_alive()
     wait_idle(url)
+
+
+def test_client_mistakes_leave_no_traceback_in_the_log(server):
+    """Runs last in this module: every refusal above was logged, if at all, without a traceback."""
+    text = server[1].read_text()
+    assert "Traceback" not in text and "ERROR" not in text, text[-3000:]

@@ -73,3 +73,34 @@ def test_image_urls_need_the_flag_and_text_has_a_bound():
     assert _prepare(body, allow_image_urls=True).messages[0]["content"][0]["image"] == b"fetched"
     with pytest.raises(api.ApiError, match="characters of text"):
         _prepare({"messages": [{"role": "user", "content": "a" * (32 * 4096 + 1)}]})
+
+
+def test_gate_serves_in_order_refuses_beyond_the_line_and_lets_leavers_go():
+    import asyncio
+
+    from dsvl.serve_queue import Busy, Gate
+
+    async def scenario():
+        gate, order = Gate(max_waiting=2), []
+        stay, leave = asyncio.Event(), asyncio.Event()
+        assert await gate.acquire(stay)  # free: taken at once
+
+        async def wait(name, gone):
+            if await gate.acquire(gone):
+                order.append(name)
+                gate.release()
+
+        a = asyncio.create_task(wait("a", stay))
+        b = asyncio.create_task(wait("b", leave))
+        await asyncio.sleep(0)
+        assert gate.waiting == 2
+        with pytest.raises(Busy):
+            await gate.acquire(stay)
+        leave.set()  # b's client goes away while waiting: it leaves the line
+        await b
+        assert gate.waiting == 1
+        gate.release()  # the holder finishes: a gets its turn
+        await a
+        assert order == ["a"] and not gate.busy
+
+    asyncio.run(scenario())
