@@ -100,6 +100,7 @@ def parse_request(raw: bytes) -> ChatRequest:
 class Limits:
     max_context_tokens: int
     max_images: int = 8  # per request, over all messages
+    image_tokens: int = 576  # context tokens per image (the engine's num_image_tokens)
     max_text_chars: int = 0  # 0 = 32 characters per context token (far beyond any text that fits)
     max_image_bytes: int = 20 * 1024 * 1024
     allow_image_urls: bool = False
@@ -179,7 +180,7 @@ def prepare(req: ChatRequest, limits: Limits, fetch: Callable[[str], bytes], mod
             n_images += 1
             if n_images > limits.max_images:
                 raise ApiError(400, f"Too many images: at most {limits.max_images} per request "
-                               f"({576} context tokens each).", code="too_many_images", param=where)
+                               f"({limits.image_tokens} context tokens each).", code="too_many_images", param=where)
             url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
             data = _image_bytes(url, where, limits, fetch)
             items.append({"type": "image", "image": data, "name": f"image {n_images} ({where})"})

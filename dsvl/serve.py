@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     options = ServeOptions(
         model_name=args.served_model_name or args.model, api_key=args.api_key or None,
         limits=api.Limits(max_context_tokens=engine.max_context_tokens, max_images=args.max_images,
-                          allow_image_urls=args.allow_image_urls),
+                          image_tokens=engine.num_image_tokens, allow_image_urls=args.allow_image_urls),
         max_queue=max(0, args.max_queue), max_body_bytes=args.max_body_mb * 2**20)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach it can use the model", args.host)
