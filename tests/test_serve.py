@@ -6,6 +6,7 @@ errors come back in the API's shape, a client that leaves stops the engine."""
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import openai
@@ -176,8 +177,9 @@ def test_busy_server_refuses_beyond_the_queue_with_503(server, client):
     t.start()
     waiting_started.wait()
     root = url.removesuffix("/v1")
+    deadline = time.monotonic() + 60
     while httpx.get(f"{root}/health").json()["waiting"] < 1:
-        pass
+        assert time.monotonic() < deadline and t.is_alive(), "the second request never queued"
     with pytest.raises(openai.InternalServerError) as e:
         ask(client, [user("Hi")], max_tokens=2)
     assert e.value.status_code == 503 and "busy" in e.value.message
