@@ -123,8 +123,14 @@ def build_app(engine: Any, options: ServeOptions, fetch=None) -> FastAPI:
         return {"object": "list", "data": [{"id": options.model_name, "object": "model", "created": 0,
                                             "owned_by": "dsvl"}]}
 
+    def busy() -> api.ApiError:
+        return api.ApiError(503, f"The server is busy: {gate.waiting} requests are already waiting. Try again "
+                            "shortly.", type="server_error", code="server_busy", headers={"Retry-After": "2"})
+
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request) -> Response:
+        if gate.busy and gate.waiting >= gate.max_waiting:
+            raise busy()  # before reading and decoding a body that could not be served anyway
         req = api.parse_request(await _read_body(request, options.max_body_bytes))
         p = await run_in_threadpool(api.prepare, req, options.limits, fetch, options.model_name)
         session_id, _known = index.session_for(p.digests)
@@ -137,8 +143,7 @@ def build_app(engine: Any, options: ServeOptions, fetch=None) -> FastAPI:
                 return Response(status_code=499)  # nobody is listening any more
         except Busy:
             watcher.cancel()
-            raise api.ApiError(503, f"The server is busy: {gate.waiting} requests are already waiting. Try again "
-                               "shortly.", type="server_error", code="server_busy", headers={"Retry-After": "2"})
+            raise busy() from None
         job.start()
         kind, payload = await job.events.get()
         if kind == "error":
