@@ -83,6 +83,23 @@ async def _watch_disconnect(request: Request, job: Job, gone: asyncio.Event) -> 
     job.cancel.set()
 
 
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error, FastAPI's own included (404, 405), in the API's error shape."""
+
+    @app.exception_handler(api.ApiError)
+    async def _api_error(request: Request, exc: api.ApiError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(api.ApiError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(api.ApiError(400, f"Invalid request: {exc.errors()[0].get('msg', 'bad input')}."))
+
+
 def build_app(engine: Any, options: ServeOptions, fetch=None) -> FastAPI:
     """The API for one loaded engine. `fetch(url) -> bytes` downloads http(s) images (default: safe_fetch)."""
     from .safe_fetch import fetch as safe_fetch
@@ -101,19 +118,7 @@ def build_app(engine: Any, options: ServeOptions, fetch=None) -> FastAPI:
             raise api.ApiError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.",
                                type="authentication_error", code="invalid_api_key")
 
-    @app.exception_handler(api.ApiError)
-    async def _api_error(request: Request, exc: api.ApiError) -> JSONResponse:
-        return _error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(api.ApiError(exc.status_code, str(exc.detail), type=kind))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(api.ApiError(400, f"Invalid request: {exc.errors()[0].get('msg', 'bad input')}."))
-
+    _install_error_handlers(app)
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "busy": gate.busy, "waiting": gate.waiting}
