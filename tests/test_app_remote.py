@@ -24,14 +24,16 @@ CHROMIUM = os.environ.get("DSVL_CHROMIUM", "/usr/bin/chromium")
 @pytest.fixture(scope="module")
 def upstream(tiny_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("upstream") / "server.log"
-    with live_server(tiny_checkpoint, log, "--max-context-tokens", "2048", api_key=KEY) as url:
+    with live_server(tiny_checkpoint, log, "--max-context-tokens", "4096", api_key=KEY) as url:
         yield url, log
 
 
 @pytest.fixture(scope="module")
 def app(upstream, tiny_checkpoint):
-    backend = OpenAIBackend(upstream[0], api_key=KEY, max_context_tokens=2048)
-    defaults = GenerationDefaults(temperature=0.0, seed=0, max_new_tokens=1500)  # long answers: time to press Stop
+    backend = OpenAIBackend(upstream[0], api_key=KEY, max_context_tokens=4096)
+    # Answers as long as the context allows: on a loaded machine the browser may take a thousand tokens of the
+    # tiny model's time to press Stop, and an answer that ends first leaves no Stop button to press.
+    defaults = GenerationDefaults(temperature=0.0, seed=0, max_new_tokens=4000)
     with live_app(backend, tiny_checkpoint, backend="openai", api_base=upstream[0], generation=defaults) as (demo, url):
         yield demo, url, backend
 
@@ -83,7 +85,7 @@ def test_a_refusal_upstream_is_a_plain_error(app):
     _, url, _ = app
     client = Client(url, verbose=False)
     with pytest.raises(AppError, match="refused the request"):
-        client.predict(*chat_args("sea " * 2500, max_new_tokens=4), api_name="/chat")
+        client.predict(*chat_args("sea " * 5000, max_new_tokens=4), api_name="/chat")
 
 
 @pytest.mark.browser
