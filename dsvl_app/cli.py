@@ -132,7 +132,13 @@ def main(argv: list[str] | None = None) -> None:
         print(line, file=sys.stderr, flush=True)
     if on_spaces:
         settings.share = False
-    engine = load_engine(settings)
+    if settings.backend == "openai":
+        from .remote import OpenAIBackend
+
+        engine = OpenAIBackend(settings.api_base, settings.api_model, max_context_tokens=settings.max_context_tokens)
+        print(f"Answers come from {engine.backend}", flush=True)
+    else:
+        engine = load_engine(settings)
     # Each server gets its own upload folder (before gradio is imported: it reads the variable at import).
     # Two servers sharing /tmp/gradio would delete each other's identical uploads when a session ends.
     own_folder = None
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from .ui import build_app, launch_options
 
-        demo = build_app(engine, settings, gpu=spaces_gpu())
+        demo = build_app(engine, settings, gpu=spaces_gpu() if settings.backend == "local" else None)
         demo.launch(**launch_options(settings))
     finally:
         if own_folder:

@@ -264,11 +264,11 @@ class Runtime:
 
     @property
     def max_image_pixels(self) -> int:
-        """The engine's bound (`--max-image-pixels`), which the app's upload check applies too."""
+        """`--max-image-pixels`, else the engine's own bound: the app's upload check applies the same limit."""
         from dsvl.images import DEFAULT_MAX_PIXELS
 
         processor = getattr(self.engine, "processor", None)
-        return int(getattr(processor, "max_image_pixels", 0) or DEFAULT_MAX_PIXELS)
+        return int(self.settings.max_image_pixels or getattr(processor, "max_image_pixels", 0) or DEFAULT_MAX_PIXELS)
 
     @property
     def max_context_tokens(self) -> int:
