@@ -268,6 +268,17 @@ def app_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def serving(url: str, proc: subprocess.Popen, log: Path | None = None) -> bool:
+    """True once the app started as `proc` answers at `url`; fails the test (with the log's end) if it exited."""
+    if proc.poll() is not None:
+        out = log.read_text()[-4000:] if log else (proc.stdout.read() if proc.stdout else "")
+        raise AssertionError(f"the app exited ({proc.returncode}):\n{out}")
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def run_app(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python app.py ARGS` to completion (for start-up failures; a server that starts is a test failure:
     the timeout kills it)."""

@@ -11,27 +11,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from pathlib import Path
 
-import httpx
 import pytest
 from gradio_client import Client, handle_file
 from playwright.sync_api import expect, sync_playwright
 
-from apphelpers import CAT, REPO, app_env, wait_until
+from apphelpers import CAT, REPO, app_env, serving, wait_until
 from dsvl_app.ui import free_port
 
 CHROMIUM = os.environ.get("DSVL_CHROMIUM", "/usr/bin/chromium")
 
 pytestmark = [pytest.mark.install, pytest.mark.timeout(1500)]
-
-
-def _serving(url: str, proc: subprocess.Popen, log: Path) -> bool:
-    assert proc.poll() is None, f"the app exited ({proc.returncode}):\n{log.read_text()[-4000:]}"
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_readme_trial_command_in_a_fresh_venv(tmp_path):
@@ -46,7 +36,7 @@ def test_readme_trial_command_in_a_fresh_venv(tmp_path):
         proc = subprocess.Popen(["bash", "scripts/run.sh", "--model", "random:tiny", "--port", str(port)],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: _serving(url, proc, log), timeout=1200, what="the app to serve its page", interval=1)
+        wait_until(lambda: serving(url, proc, log), timeout=1200, what="the app to serve its page", interval=1)
         uploads = list(tmp.glob("dsvl-chat-uploads-*"))
         assert len(uploads) == 1, uploads
 

@@ -11,21 +11,12 @@ import socket
 import subprocess
 import sys
 
-import httpx
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from apphelpers import CAT, REPO, app_env, ask, live_app, load_tiny_engine, run_app, wait_until
+from apphelpers import CAT, REPO, app_env, ask, live_app, load_tiny_engine, run_app, serving, wait_until
 from dsvl_app.ui import free_port
-
-
-def _serving(url: str, proc: subprocess.Popen) -> bool:
-    assert proc.poll() is None, proc.stdout.read()
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_sigterm_deletes_the_upload_folder(tiny_checkpoint, tmp_path):
@@ -35,7 +26,7 @@ def test_sigterm_deletes_the_upload_folder(tiny_checkpoint, tmp_path):
                              str(port)], cwd=REPO, env=app_env(TMPDIR=str(tmp_path)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        wait_until(lambda: _serving(url, proc), timeout=120, what="the app to serve", interval=0.5)
+        wait_until(lambda: serving(url, proc), timeout=120, what="the app to serve", interval=0.5)
         (folder,) = tmp_path.glob("dsvl-chat-uploads-*")
         Client(url, verbose=False).predict({"text": "Hi", "files": [handle_file(CAT)]}, 0.0, 0.95, 0, 4, 1.1, 0,
                                            api_name="/chat")
