@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
+import ipaddress
 import json
 import os
+import socket
 import struct  # struct.error: raised by some PIL plugins on corrupt headers
 import urllib.error
 import urllib.parse
@@ -104,10 +107,55 @@ def _describe(source: Any) -> str:
     return type(source).__name__
 
 
+def _fetchable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip.is_global  # False for private, loopback, link-local, reserved, shared (100.64/10), unspecified
+
+
+def _public_connection(address: tuple[str, int], timeout: Any = None, source_address: Any = None) -> socket.socket:
+    """Connect only to a public address: every address the name resolves to is checked before any byte is
+    sent (private, loopback, link-local, reserved and shared ranges are refused), and the socket is opened to
+    the address that was checked, so a second DNS answer cannot point it elsewhere."""
+    host, port = address
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise OSError(f"cannot resolve {host!r} ({e})") from None
+    for *_, sockaddr in infos:
+        if not _fetchable(ipaddress.ip_address(sockaddr[0].split("%")[0])):
+            raise OSError(f"{host!r} is a private, loopback or link-local address; only public hosts are fetched")
+    return socket.create_connection(infos[0][4][:2], timeout, source_address)
+
+
+class _PublicHTTP(http.client.HTTPConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _public_connection
+
+
+class _PublicHTTPS(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _public_connection
+
+
+class _PublicHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_PublicHTTP, req)
+
+
+class _PublicHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_PublicHTTPS, req, context=self._context)
+
+
+# No proxies (a proxy would be a local address doing the fetch), redirects re-checked by the same handlers.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _PublicHTTPHandler, _PublicHTTPSHandler)
+
+
 def _fetch_url(url: str, label: str) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": "dsvl-chat"})
     try:
-        with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
+        with _OPENER.open(request, timeout=URL_TIMEOUT_S) as response:
             data = response.read(URL_MAX_BYTES + 1)
     except urllib.error.HTTPError as e:
         raise ImageError(f"Cannot load image {label!r}: download failed (HTTP {e.code} {e.reason})") from e
@@ -180,11 +228,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV, ...
 
 
-def load_image(source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+def load_image(source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,
+               allow_urls: bool = False) -> Image.Image:
     """Decode `source` into an upright RGB image.
 
     `source`: a PIL image, a path (str/Path), encoded bytes, an http(s) or data: URL, or a numpy array
     (HxWx{1,3,4} or HxW; uint8, uint16, bool, or float in [0, 1]). `name` labels the input in error messages.
+    http(s) URLs are fetched only with `allow_urls=True`, and never from a private, loopback or link-local
+    address (a server must not be made to probe its own network).
     Raises `ImageError` for anything that is not a usable image (unreadable, truncated, empty, too large).
     """
     label = name or _describe(source)
@@ -209,6 +260,8 @@ def load_image(source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str |
         elif isinstance(source, (str, Path)):
             text = str(source)
             if isinstance(source, str) and text.startswith(("http://", "https://")):
+                if not allow_urls:
+                    raise fail("loading images from URLs is off (the caller did not allow it)")
                 stream = io.BytesIO(_fetch_url(text, label))
             elif isinstance(source, str) and text.startswith("data:"):
                 stream = io.BytesIO(_decode_data_url(text, label))

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dsvl.images import ImageError
-from dsvl.processor import ContextOverflowError, Processor, Prompt, image_key, write_processor_files
+from dsvl.processor import ContextOverflowError, Processor, Prompt, content_key, image_key, write_processor_files
 from dsvl.text import EOS_TOKEN, IMAGE_TOKEN
 
 
@@ -100,8 +100,8 @@ def test_image_sources_and_keys(proc: Processor, tmp_path: Path):
     NOISE.save(path)
     conv = [_user({"type": "image", "path": str(path)}, {"type": "image", "url": path.read_bytes()},
                   _image(path.read_bytes()), "same?")]
-    p = proc.prepare(conv)
-    assert len(set(p.image_keys)) == 1 and p.image_keys[0] == image_key(NOISE.convert("RGB"))
+    p = proc.prepare(conv)  # encoded images (a file, bytes) are keyed by their bytes: one key for the three
+    assert len(set(p.image_keys)) == 1 and p.image_keys[0] == content_key(path.read_bytes())
     rgba = NOISE.convert("RGBA")
     assert proc.prepare([_user(_image(rgba), "x")]).image_keys == [image_key(NOISE)]  # keys hash decoded pixels
 
