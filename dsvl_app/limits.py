@@ -24,6 +24,7 @@ RANGES = {
     "top_k": (0, 200),
     "repetition_penalty": (1.0, 2.0),
 }
+SETTINGS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed")  # the API's order
 GREEDY_BELOW = 0.01  # a temperature under this samples like 0 (dividing logits by 1e-45 overflows float32)
 
 
@@ -114,7 +115,8 @@ def generation_settings(temperature: Any, top_p: Any, top_k: Any, max_new_tokens
         if integer and x != int(x):
             raise LimitError(f"The setting {label} must be a whole number; got {x:g}.")
         if not lo <= x <= hi:
-            raise LimitError(f"The setting {label} must lie between {lo:g} and {hi:g}; got {x:g}.")
+            shown = (lambda v: f"{int(v):,}" if v != math.inf else "∞") if integer else (lambda v: f"{v:g}")
+            raise LimitError(f"The setting {label} must lie between {shown(lo)} and {shown(hi)}; got {shown(x)}.")
         return int(x) if integer else x
 
     t = num("temperature", temperature, d.temperature, *RANGES["temperature"])
