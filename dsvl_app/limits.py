@@ -24,7 +24,6 @@ RANGES = {
     "top_k": (0, 200),
     "repetition_penalty": (1.0, 2.0),
 }
-SETTINGS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed")  # the API's order
 GREEDY_BELOW = 0.01  # a temperature under this samples like 0 (dividing logits by 1e-45 overflows float32)
 
 

@@ -510,24 +510,8 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                     yield gr.skip(), base
                 raise gr.Error(failure_message(exc), title="Model error") from None
 
-        def check_chat_settings(message, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-                                history, conv_):
-            """Run by Gradio when the call joins the queue: bad settings are refused at once, not after a wait."""
-            ok = gr.validate(True, "")
-            try:
-                generation_params(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-                                  max_context_tokens=max_ctx, defaults=gdef)
-            except UserError as exc:
-                out = [ok] * 9  # one result per input, the refusal on the setting it names
-                bad = next(i for i, name in enumerate(limits.SETTINGS)
-                           if f"setting {name.replace('_', ' ')} " in exc.message)
-                out[1 + bad] = gr.validate(False, exc.message)
-                return out
-            return [ok] * 9
-
         api_btn.click(chat, [textbox, *sliders, api_history, conv], [api_answer, conv], api_name="chat",
-                      concurrency_id=GPU, concurrency_limit=settings.concurrency, api_visibility="public",
-                      validator=check_chat_settings)
+                      concurrency_id=GPU, concurrency_limit=settings.concurrency, api_visibility="public")
 
         def clear_api(request: gr.Request):
             """Start a new conversation for this client session (frees its caches on the server)."""
