@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import http.client
 import io
-import ipaddress
 import json
 import os
-import socket
 import struct  # struct.error: raised by some PIL plugins on corrupt headers
 import urllib.error
 import urllib.parse
@@ -107,64 +104,13 @@ def _describe(source: Any) -> str:
     return type(source).__name__
 
 
-def _fetchable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return ip.is_global  # False for private, loopback, link-local, reserved, shared (100.64/10), unspecified
-
-
-def _public_connection(address: tuple[str, int], timeout: Any = None, source_address: Any = None) -> socket.socket:
-    """Connect only to a public address: every address the name resolves to is checked before any byte is
-    sent (private, loopback, link-local, reserved and shared ranges are refused), and the socket is opened to
-    the address that was checked, so a second DNS answer cannot point it elsewhere."""
-    host, port = address
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as e:
-        raise OSError(f"cannot resolve {host!r} ({e})") from None
-    for *_, sockaddr in infos:
-        if not _fetchable(ipaddress.ip_address(sockaddr[0].split("%")[0])):
-            raise OSError(f"{host!r} is a private, loopback or link-local address; only public hosts are fetched")
-    return socket.create_connection(infos[0][4][:2], timeout, source_address)
-
-
-class _PublicHTTP(http.client.HTTPConnection):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._create_connection = _public_connection
-
-
-class _PublicHTTPS(http.client.HTTPSConnection):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._create_connection = _public_connection
-
-
-class _PublicHTTPHandler(urllib.request.HTTPHandler):
-    def http_open(self, req):
-        return self.do_open(_PublicHTTP, req)
-
-
-class _PublicHTTPSHandler(urllib.request.HTTPSHandler):
-    def https_open(self, req):
-        return self.do_open(_PublicHTTPS, req, context=self._context)
-
-
-# No proxies (a proxy would be a local address doing the fetch), redirects re-checked by the same handlers.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _PublicHTTPHandler, _PublicHTTPSHandler)
-
-
 def _fetch_url(url: str, label: str) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "dsvl-chat"})
+    from .safe_fetch import FetchError, fetch  # public hosts only, no redirects, no proxies, bounded
+
     try:
-        with _OPENER.open(request, timeout=URL_TIMEOUT_S) as response:
-            data = response.read(URL_MAX_BYTES + 1)
-    except urllib.error.HTTPError as e:
-        raise ImageError(f"Cannot load image {label!r}: download failed (HTTP {e.code} {e.reason})") from e
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise ImageError(f"Cannot load image {label!r}: download failed ({reason})") from e
-    if len(data) > URL_MAX_BYTES:
-        raise ImageError(f"Cannot load image {label!r}: download larger than {URL_MAX_BYTES // 2**20} MiB")
-    return data
+        return fetch(url, max_bytes=URL_MAX_BYTES, timeout=URL_TIMEOUT_S)
+    except FetchError as e:
+        raise ImageError(f"Cannot load image {label!r}: {e}") from None
 
 
 def _decode_data_url(url: str, label: str) -> bytes:

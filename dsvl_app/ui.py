@@ -112,6 +112,8 @@ def banner_html(engine, settings: Settings) -> str:
         ("weights", weights),
         ("context", f"{int(getattr(engine, 'max_context_tokens', settings.max_context_tokens)):,} tokens"),
     ]
+    if getattr(engine, "backend", None):  # a remote server: it knows its precision and device, we do not
+        chips = [("model", engine.model), ("backend", engine.backend), chips[-1]]
     parts = ['<div id="dsvl-banner"><span class="name">DeepSeek-VL 7B chat</span>']
     tips = {"model": settings.model}
     parts += [f'<span class="chip" title="{html.escape(tips.get(k, k))}">{html.escape(k)}: {html.escape(v)}</span>'

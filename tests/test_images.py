@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import http.server
 import io
-import ipaddress
 import json
 import struct
 import threading
@@ -18,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-import dsvl.images as images_mod
+import dsvl.safe_fetch as safe_fetch
 from dsvl.images import ImageError, ImageProcessor, load_image, preprocessor_config
 from dsvl.processor import write_processor_files
 
@@ -304,7 +303,7 @@ def test_http_url(local_http, monkeypatch):
     base, hits = local_http
     img = _random_rgb(6, 5, seed=2)
     _Handler.payload = _png(img)
-    monkeypatch.setattr(images_mod, "_fetchable", lambda ip: True)  # this test's server is on loopback
+    monkeypatch.setattr(safe_fetch, "is_public", lambda address: True)  # this test's server is on loopback
     assert np.array_equal(np.asarray(load_image(base + "/cat.png", allow_urls=True)), np.asarray(img))
     with pytest.raises(ImageError, match="404") as e:
         load_image(base + "/missing.png", allow_urls=True)
@@ -320,11 +319,10 @@ def test_urls_are_off_by_default_and_never_reach_private_addresses(local_http):
     for url in (base + "/cat.png", f"http://localhost:{port}/cat.png", f"http://[::1]:{port}/cat.png",
                 "http://169.254.169.254/latest/meta-data", "http://10.0.0.1/x.png", "http://192.168.1.1/x.png",
                 f"http://0.0.0.0:{port}/cat.png"):
-        with pytest.raises(ImageError, match="private, loopback or link-local|cannot resolve"):
+        with pytest.raises(ImageError, match="not a public internet address|cannot be resolved"):
             load_image(url, allow_urls=True)
     assert hits == []  # nothing reached the local server
-    assert not images_mod._fetchable(ipaddress.ip_address("100.64.0.1"))  # carrier-grade NAT
-    assert images_mod._fetchable(ipaddress.ip_address("93.184.216.34"))
+    assert not safe_fetch.is_public("100.64.0.1") and safe_fetch.is_public("93.184.216.34")  # carrier-grade NAT
 
 
 # ---------------------------------------------------------------------------------------------------
