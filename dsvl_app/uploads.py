@@ -142,8 +142,8 @@ class SessionFiles:
         if used > quota:
             self.discard(session, new)
             raise UploadError(f"This chat already holds {human_size(used - sum(map(_size, new)))} of uploads; "
-                              f"the limit is {human_size(quota)}. Start a new chat (or reload the page) to "
-                              "attach more.")
+                              f"the limit is {human_size(quota)}. Reload the page (a new session) to attach "
+                              "more.")
 
     def discard(self, session: str, paths: list[str]) -> int:
         """Delete refused uploads now rather than when the session ends; returns how many were deleted."""
