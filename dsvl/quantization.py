@@ -251,6 +251,7 @@ class AutoChoice:
 
 def estimate_bytes(config: DsvlConfig, dtype: torch.dtype, mode: str, max_context_tokens: int) -> int:
     """Weights in ``mode`` + one session's KV cache + working headroom (activations, image features, allocator)."""
+    mode = ALIASES.get(mode, mode)
     t = config.text
     itemsize = torch.finfo(dtype).bits // 8
     per_layer = (t.hidden_size * t.num_attention_heads * t.head_dim * 2  # q, o

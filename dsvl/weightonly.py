@@ -84,10 +84,13 @@ class Int8Linear(WeightOnlyLinear):
         super().__init__(linear)
         w = linear.weight.data
         self.kernel_dtype = torch.bfloat16 if w.device.type == "cpu" else _cuda_dtype(w.dtype)
-        scales = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127
-        q = torch.round(w.float() / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        # Round the scales to the stored dtype first, then quantize with them: the error stays within half a step.
+        scales = (w.float().abs().amax(dim=1).clamp(min=1e-12) / 127).to(self.kernel_dtype)
+        wf = w.float() if w.dtype != torch.float32 else w.clone()  # one float32 temporary, then in place
+        q = wf.div_(scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        del wf
         self.register_buffer("weight", q)
-        self.register_buffer("scales", scales.to(self.kernel_dtype))
+        self.register_buffer("scales", scales)
         self.fused = w.device.type == "cpu" or _cuda_int8_kernel(w.device)
 
     def _matmul(self, x2: Tensor) -> Tensor:
@@ -111,7 +114,7 @@ class Int4Linear(WeightOnlyLinear):
         self.group_size = group_size = int4_group_size(self.in_features, group_size)
         if group_size is None:
             raise ValueError(f"int4 needs in_features divisible by one of {GROUP_SIZES}, got {self.in_features}")
-        q, scale_zero = quantize_int4(w, group_size)
+        q, scale_zero = quantize_int4(w, group_size, torch.bfloat16)
         self.device_type = w.device.type
         if self.device_type == "cpu":
             self.kernel_dtype = torch.bfloat16
@@ -122,7 +125,7 @@ class Int4Linear(WeightOnlyLinear):
             packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # two nibbles per byte, even index high
             self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack(packed, _CUDA_INNER_K_TILES)
                                  if self.tinygemm else packed)
-        self.register_buffer("scale_zero", scale_zero.to(self.kernel_dtype))  # (in / group, out, 2)
+        self.register_buffer("scale_zero", scale_zero)  # (in / group, out, 2), bf16
 
     def _matmul(self, x2: Tensor) -> Tensor:
         if self.device_type == "cpu":
@@ -160,16 +163,20 @@ class Int4Linear(WeightOnlyLinear):
         return (q * s.t()[..., None] + z.t()[..., None]).view(self.out_features, self.in_features)
 
 
-def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+def quantize_int4(w: Tensor, group_size: int, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
     """Asymmetric 4-bit per group of ``group_size`` inputs: int32 codes 0..15 (out, in) and (in/group, out, 2)
-    float32 (scale, zero) with ``w ~ (q - 8) * scale + zero`` -- the layout both int4 kernels take."""
+    (scale, zero) in ``dtype`` with ``w ~ (q - 8) * scale + zero`` -- the layout both int4 kernels take. The codes
+    are computed against the rounded (scale, zero), so the error stays within about half a step."""
     out_f, in_f = w.shape
     g = w.float().view(out_f, in_f // group_size, group_size)
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    scale = (hi - lo).clamp(min=1e-6) / 15
-    q = torch.round((g - lo) / scale).clamp_(0, 15).to(torch.int32).view(out_f, in_f)
-    zero = lo + 8 * scale
-    return q, torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1).contiguous()
+    scale = ((hi - lo).clamp(min=1e-6) / 15).to(dtype).float()
+    zero = (lo + 8 * scale).to(dtype).float()
+    # In place (a 7B Linear is 180 MB in float32; each temporary adds to the loading peak), but never into the
+    # caller's own float32 weight.
+    g = g.clone() if g.data_ptr() == w.data_ptr() else g
+    q = g.sub_(zero).div_(scale).add_(8).round_().clamp_(0, 15).to(torch.int32).view(out_f, in_f)
+    return q, torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1).contiguous().to(dtype)
 
 
 def int4_group_size(in_features: int, wanted: int = DEFAULT_GROUP_SIZE) -> int | None:
