@@ -85,10 +85,12 @@ class Int8Linear(WeightOnlyLinear):
         w = linear.weight.data
         self.kernel_dtype = torch.bfloat16 if w.device.type == "cpu" else _cuda_dtype(w.dtype)
         # Round the scales to the stored dtype first, then quantize with them: the error stays within half a step.
-        scales = (w.float().abs().amax(dim=1).clamp(min=1e-12) / 127).to(self.kernel_dtype)
-        wf = w.float() if w.dtype != torch.float32 else w.clone()  # one float32 temporary, then in place
-        q = wf.div_(scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        del wf
+        absmax = torch.maximum(w.amax(dim=1), -w.amin(dim=1)).float()  # no full-size temporary
+        scales = (absmax.clamp(min=1e-12) / 127).to(self.kernel_dtype)
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        for rows in _row_chunks(w):
+            chunk = w[rows].to(torch.float32, copy=True)  # worked on in place
+            q[rows] = chunk.div_(scales[rows].float()[:, None]).round_().clamp_(-127, 127)
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales)
         self.fused = w.device.type == "cpu" or _cuda_int8_kernel(w.device)
@@ -168,15 +170,24 @@ def quantize_int4(w: Tensor, group_size: int, dtype: torch.dtype = torch.bfloat1
     (scale, zero) in ``dtype`` with ``w ~ (q - 8) * scale + zero`` -- the layout both int4 kernels take. The codes
     are computed against the rounded (scale, zero), so the error stays within about half a step."""
     out_f, in_f = w.shape
-    g = w.float().view(out_f, in_f // group_size, group_size)
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    scale = ((hi - lo).clamp(min=1e-6) / 15).to(dtype).float()
-    zero = (lo + 8 * scale).to(dtype).float()
-    # In place (a 7B Linear is 180 MB in float32; each temporary adds to the loading peak), but never into the
-    # caller's own float32 weight.
-    g = g.clone() if g.data_ptr() == w.data_ptr() else g
-    q = g.sub_(zero).div_(scale).add_(8).round_().clamp_(0, 15).to(torch.int32).view(out_f, in_f)
-    return q, torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1).contiguous().to(dtype)
+    q = torch.empty(w.shape, dtype=torch.int32, device=w.device)
+    scale_zero = torch.empty(in_f // group_size, out_f, 2, dtype=dtype, device=w.device)
+    for rows in _row_chunks(w):
+        g = w[rows].to(torch.float32, copy=True).view(-1, in_f // group_size, group_size)  # worked on in place
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = ((hi - lo).clamp(min=1e-6) / 15).to(dtype).float()
+        zero = (lo + 8 * scale).to(dtype).float()
+        q[rows] = g.sub_(zero).div_(scale).add_(8).round_().clamp_(0, 15).view(-1, in_f)
+        scale_zero[:, rows] = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1)
+    return q, scale_zero
+
+
+def _row_chunks(w: Tensor, elements: int = 1 << 24) -> list[slice]:
+    """Row ranges of ~``elements`` weights: quantizing works on float32 copies of one range at a time, so a 7B
+    Linear (or the 0.4 G-weight lm_head) never needs a full-size float32 temporary (that alone peaked the 7B load
+    at +3.8 GB)."""
+    step = max(1, elements // max(1, w.shape[1]))
+    return [slice(r, min(r + step, w.shape[0])) for r in range(0, w.shape[0], step)]
 
 
 def int4_group_size(in_features: int, wanted: int = DEFAULT_GROUP_SIZE) -> int | None:
