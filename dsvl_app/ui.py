@@ -111,6 +111,8 @@ def banner_html(engine, settings: Settings) -> str:
         ("weights", weights),
         ("context", f"{int(getattr(engine, 'max_context_tokens', settings.max_context_tokens)):,} tokens"),
     ]
+    if getattr(engine, "backend", None):  # a remote server: it knows its precision and device, we do not
+        chips = [("model", engine.model), ("backend", engine.backend), chips[-1]]
     parts = ['<div id="dsvl-banner"><span class="name">DeepSeek-VL 7B chat</span>']
     tips = {"model": settings.model}
     if quant not in ("none", ""):  # what the quantized mode costs, on hover
