@@ -224,7 +224,7 @@ _BYTES_PER_PARAM = {"bnb-int8": 1.0, "bnb-nf4": 0.52, "int8-wo": 1.0, "int4-wo":
 def speed_order(device: torch.device, dtype: torch.dtype) -> tuple[tuple[str, ...], str]:
     """Modes from fastest to slowest decode on ``device``, and why (what the device has). At batch 1 decode reads
     every weight once per token, so fewer bytes are faster wherever a kernel reads them packed: on CPU the aten
-    int8/int4 kernels are vectorized for AVX2/AVX512 (bench/kernels.py: int4 ~4x, int8 ~3x a bf16 product on a
+    int8/int4 kernels are vectorized for AVX2/AVX512 (bench/linear_kernels.py: int4 ~4x, int8 ~3x a bf16 product on a
     Sapphire Rapids); on CUDA tinygemm's int4 needs Ampere+ and bf16. bitsandbytes is always last (slower than
     dense on CPU, and NF4 on GPU)."""
     fast = ("int4-wo", "int8-wo", "none", "bnb-nf4")

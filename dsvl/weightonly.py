@@ -14,7 +14,7 @@ CPU backend does, which is why it is slower than bf16). The kernels used here do
   ``aten._convert_weight_to_int4pack`` / ``_weight_int4pack_mm`` (tinygemm), else the dequantizing fallback.
 
 torchao 0.18 wraps these same aten kernels in tensor subclasses; calling them directly measured as fast or faster
-here (``bench/kernels.py``) and keeps torchao out of the runtime requirements. Each module keeps the forward
+here (``bench/linear_kernels.py``) and keeps torchao out of the runtime requirements. Each module keeps the forward
 contract of ``nn.Linear`` (``(..., in) -> (..., out)`` in the input's dtype), so it can replace any Linear,
 fused or not, and ``dequantize()`` gives the float weight it stands for (tests, fallbacks).
 """
@@ -56,7 +56,7 @@ class WeightOnlyLinear(nn.Module):
 
     can_dequantize = True
     # From this many rows (tokens) on, CPU products dequantize the weight and run a dense GEMM. The aten kernels
-    # cost about as much per row as for one row (bench/kernels.py, 4096 -> 11008: ~3 ms a row on 2 cores), while
+    # cost about as much per row as for one row (bench/linear_kernels.py, 4096 -> 11008: ~3 ms a row on 2 cores), while
     # dequantizing costs a fixed ~2x (int8: one cast) to ~8x (int4: unpack, scale, reorder) of a bf16 matrix-vector
     # product; the crossovers measured on a 2-core Sapphire Rapids were ~64 and ~256 rows.
     dense_from_rows = 64

@@ -1,6 +1,6 @@
 """One decoder-sized Linear (4096 -> 11008) through every CPU kernel dsvl could use, side by side in one run.
 
-    python bench/kernels.py [--tokens 1 512] [--repeat 15]
+    python bench/linear_kernels.py [--tokens 1 512] [--repeat 15]
 
 Rows: float32 and bfloat16 ``F.linear``, bfloat16 pre-packed for oneDNN (dsvl's dense CPU path), dsvl's int8 and
 int4 weight-only modules (``dsvl.weightonly``: aten's fused kernels; "kernel" rows call the kernel at every size,
