@@ -414,8 +414,11 @@ class Engine:
         t_call = time.perf_counter()
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, tuple(stop)
                                 if not isinstance(stop, str) else (stop,))
+        # Images whose features are cached are not decoded here (a follow-up question re-reads none); `cancel`
+        # abandons a long preparation between turns and images (processor.Cancelled).
         prompt = self.processor.prepare(messages, max_context_tokens=self.max_context_tokens,
-                                        reserve_new_tokens=min(max_new_tokens, self.max_context_tokens // 2))
+                                        reserve_new_tokens=min(max_new_tokens, self.max_context_tokens // 2),
+                                        cancel=cancel, have_features=self._features.__contains__)
         return TextStream(self, prompt, params, session_id, cancel, t_call)
 
     def generate(self, messages_or_batch, **params: Any) -> str | list[str]:
@@ -634,8 +637,7 @@ class Engine:
         ts.token_ids = ids
 
         new_runs = [s for s in runs if s >= reuse]
-        key_to_image = dict(zip(prompt.image_keys, prompt.images))
-        features = self._image_features([key_to_image[keys[s]] for s in new_runs], [keys[s] for s in new_runs],
+        features = self._image_features([prompt.image_for(keys[s]) for s in new_runs], [keys[s] for s in new_runs],
                                         stats, cancel)
         t0 = time.perf_counter()
         logits = self._prefill(ids[reuse:], features, session.cache, reuse, cancel, faults)

@@ -52,6 +52,7 @@ class Settings:
     share: bool = False
     auth: str | None = None  # "USER:PASS"
     max_images: int = 4  # per message
+    max_images_per_chat: int = 32  # per conversation, every reference counted (bounds memory and Export)
     max_context_tokens: int = 4096
     concurrency: int = 1  # generations running at once
     max_queue: int = 32  # requests waiting; more are refused with "queue is full"
@@ -127,6 +128,10 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
                    help="require this login [DSVL_AUTH; prefer the variable: flags show up in `ps`]")
     p.add_argument("--max-images", type=int, default=int(e("DSVL_MAX_IMAGES", d.max_images)),
                    help="images allowed in one message [DSVL_MAX_IMAGES] (default: %(default)s; 576 tokens each)")
+    p.add_argument("--max-images-per-chat", type=int,
+                   default=int(e("DSVL_MAX_IMAGES_PER_CHAT", d.max_images_per_chat)),
+                   help="images allowed in one conversation, history and imports included "
+                        "[DSVL_MAX_IMAGES_PER_CHAT] (default: %(default)s)")
     p.add_argument("--max-context-tokens", type=int,
                    default=int(e("DSVL_MAX_CONTEXT_TOKENS", d.max_context_tokens)),
                    help="prompt + answer budget; older turns are dropped beyond it "
@@ -158,12 +163,13 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         parser.error(str(exc))
     if a.backend == "openai" and not a.api_base:
         parser.error("--backend openai needs --api-base URL (the server's /v1 address)")
-    for name in ("max_images", "max_context_tokens", "concurrency", "max_queue", "port"):
+    for name in ("max_images", "max_images_per_chat", "max_context_tokens", "concurrency", "max_queue", "port"):
         if getattr(a, name) < (0 if name == "port" else 1):
             parser.error(f"--{name.replace('_', '-')} must be positive")
     return Settings(
         model=a.model, quantization=a.quantization, device=a.device, dtype=a.dtype, host=a.host,
         port=a.port, share=bool(a.share), auth=a.auth or None, max_images=a.max_images,
+        max_images_per_chat=a.max_images_per_chat,
         max_context_tokens=a.max_context_tokens, concurrency=a.concurrency, max_queue=a.max_queue,
         max_file_size=max_file_size, backend=a.backend, api_base=a.api_base, api_model=a.api_model,
     )
