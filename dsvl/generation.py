@@ -388,8 +388,8 @@ class Engine:
             choice = q_mod.choose_auto(config, dev, dt, max_context_tokens)
             mode, reason = choice.mode, choice.reason
         if mode != "none" and dev.type not in ("cpu", "cuda"):
-            raise q_mod.QuantizationError(f"quantization={mode!r} needs bitsandbytes on CPU or CUDA; it does not "
-                                          f"support {dev.type}. Use quantization='none'.")
+            raise q_mod.QuantizationError(f"quantization={mode!r} runs on CPU and CUDA only, not on {dev.type}. "
+                                          f"Use quantization='none'.")
         t0 = time.perf_counter()
         try:  # before the weights: a missing tokenizer must not cost a 15 GB load first
             processor = Processor.from_dir(path, **({"max_image_pixels": max_image_pixels} if max_image_pixels else {}))
@@ -810,7 +810,7 @@ class Engine:
             log.warning("compile=True is for CUDA only; running eager on %s", self.device.type)
             return
         if not isinstance(self._decoder, FusedDecoder):
-            log.warning("compile=True is not used with bitsandbytes quantization (its kernels break the graph)")
+            log.warning("compile=True is not used with quantized weights (the compiled step is the dense fused one)")
             return
         for fused in [f for ws in self._decoder.weights for f in ws] + ([self._head] if self._head else []):
             torch._dynamo.mark_static_address(fused.weight)  # weights are not module parameters here

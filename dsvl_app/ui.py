@@ -29,7 +29,7 @@ from gradio.utils import NamedString
 
 from . import history, limits, rendering
 from .runtime import Runtime, UserError, failure_message, generation_params
-from .settings import DEFAULT_MODEL, Settings
+from .settings import DEFAULT_MODEL, QUANTIZATION_COSTS, Settings
 from .uploads import UploadError, check_files, check_image, human_size
 
 log = logging.getLogger("dsvl_app")
@@ -155,6 +155,8 @@ def banner_html(engine, settings: Settings) -> str:
         chips = [("model", engine.model), ("backend", engine.backend), chips[-1]]
     parts = ['<div id="dsvl-banner"><span class="name">DeepSeek-VL 7B chat</span>']
     tips = {"model": settings.model}
+    if quant not in ("none", ""):  # what the quantized mode costs, on hover
+        tips["precision"] = QUANTIZATION_COSTS.get(quant.split("-g")[0], "precision")
     parts += [f'<span class="chip" title="{html.escape(tips.get(k, k))}">{html.escape(k)}: {html.escape(v)}</span>'
               for k, v in chips]
     parts.append("</div>")
