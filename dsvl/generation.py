@@ -368,8 +368,9 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                         quantization: str = "none", max_context_tokens: int = 4096, revision: str | None = None,
-                        **options: Any) -> "Engine":
-        """Resolve device/dtype/quantization, load the checkpoint shard by shard and build the processor."""
+                        max_image_pixels: int | None = None, **options: Any) -> "Engine":
+        """Resolve device/dtype/quantization, load the checkpoint shard by shard and build the processor.
+        `max_image_pixels`: images declaring more pixels are refused before decoding (None: the default, 40 MP)."""
         from . import device as dev_mod
         from . import quantization as q_mod
         from .loading import CheckpointError, load_model, resolve_checkpoint
@@ -391,7 +392,7 @@ class Engine:
                                           f"Use quantization='none'.")
         t0 = time.perf_counter()
         try:  # before the weights: a missing tokenizer must not cost a 15 GB load first
-            processor = Processor.from_dir(path)
+            processor = Processor.from_dir(path, **({"max_image_pixels": max_image_pixels} if max_image_pixels else {}))
         except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception on a corrupt tokenizer.json)
             raise CheckpointError(f"{path}: cannot read the tokenizer/processor files ({e})") from None
         net, info = load_model(path, device=dev, dtype=dt, quantization=mode, config=config)

@@ -57,6 +57,7 @@ class Settings:
     concurrency: int = 1  # generations running at once
     max_queue: int = 32  # requests waiting; more are refused with "queue is full"
     max_file_size: int = 20 * 1024 * 1024  # bytes, per uploaded file
+    max_image_pixels: int | None = None  # width x height; None = the core's limit (dsvl.images.DEFAULT_MAX_PIXELS)
     backend: str = "local"  # "local": load the model here; "openai": stream from an OpenAI-compatible server
     api_base: str | None = None  # that server's URL, e.g. http://gpu-box:23333/v1
     api_model: str | None = None  # its model id (default: the first it lists)
@@ -142,6 +143,10 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
                    help="requests allowed to wait; more get 'queue is full' [DSVL_MAX_QUEUE] (default: %(default)s)")
     p.add_argument("--max-file-size", default=e("DSVL_MAX_FILE_SIZE", "20MB"),
                    help="largest accepted upload, e.g. 20MB [DSVL_MAX_FILE_SIZE] (default: %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=e("DSVL_MAX_IMAGE_PIXELS", None),
+                   help="largest image accepted, in pixels (width x height), checked on the declared size before "
+                        "decoding (a decompression bomb is refused unread) [DSVL_MAX_IMAGE_PIXELS] "
+                        "(default: the core's limit, 40 MP)")
     p.add_argument("--backend", choices=["local", "openai"], default=e("DSVL_BACKEND", d.backend),
                    help="local: load the model in this process; openai: stream from the OpenAI-compatible server "
                         "at --api-base (key in DSVL_API_KEY or OPENAI_API_KEY) [DSVL_BACKEND] (default: %(default)s)")
@@ -161,6 +166,8 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
             parse_auth(a.auth)
     except ValueError as exc:
         parser.error(str(exc))
+    if a.max_image_pixels is not None and a.max_image_pixels < 1:
+        parser.error("--max-image-pixels must be positive")
     if a.backend == "openai" and not a.api_base:
         parser.error("--backend openai needs --api-base URL (the server's /v1 address)")
     for name in ("max_images", "max_images_per_chat", "max_context_tokens", "concurrency", "max_queue", "port"):
@@ -171,5 +178,6 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         port=a.port, share=bool(a.share), auth=a.auth or None, max_images=a.max_images,
         max_images_per_chat=a.max_images_per_chat,
         max_context_tokens=a.max_context_tokens, concurrency=a.concurrency, max_queue=a.max_queue,
-        max_file_size=max_file_size, backend=a.backend, api_base=a.api_base, api_model=a.api_model,
+        max_file_size=max_file_size, max_image_pixels=a.max_image_pixels, backend=a.backend, api_base=a.api_base,
+        api_model=a.api_model,
     )
