@@ -22,8 +22,8 @@ _EXPORTS = {
     "ContextOverflowError": "dsvl.processor",
     "CheckpointError": "dsvl.loading",
     "Engine": "dsvl.generation",
-    "GenerationStats": "dsvl.generation",
-    "TextStream": "dsvl.generation",
+    "GenerationStats": "dsvl.stream",
+    "TextStream": "dsvl.stream",
 }
 
 if TYPE_CHECKING:

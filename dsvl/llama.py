@@ -1,13 +1,16 @@
 """LLaMA-style decoder of DeepSeek LLM 7B (gpt-fast style): RMSNorm, half-rotation RoPE, SwiGLU, SDPA attention
 and a static KV cache.
 
-Attribute names equal transformers' ``LlamaModel`` (``embed_tokens``, ``layers.N.self_attn.q_proj``, ...), so the
-state_dict keys match the checkpoint without renaming. Numerics follow transformers 5.24 ``modeling_llama.py``
+Attribute names equal transformers' ``LlamaModel`` (``embed_tokens``, ``layers.N.self_attn.o_proj``, ...), except
+that q/k/v and gate/up are each one fused Linear (``qkv_proj``, ``gate_up_proj``); ``state_dict()`` and
+``load_state_dict`` still use the checkpoint's separate names (``fuse_on_load``), so nothing else renames. Numerics follow transformers 5.24 ``modeling_llama.py``
 (reference §6.1-6.2): RMSNorm in float32 then cast back before the weight multiply; cos/sin in float32 then cast
 to the activation dtype; rotate_half (GPT-NeoX) rotation, not interleaved.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,44 +101,92 @@ class KVCache(nn.Module):
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def fuse_on_load(module: nn.Module, fused: str, parts: Sequence[tuple[str, int]]) -> None:
+    """Make ``module.<fused>`` (one ``nn.Linear``) hold the checkpoint's Linears ``parts`` (name, out_features)
+    stacked by rows, in that order: one matrix product instead of several (at batch 1 a product streams its
+    weight once, and one wide product runs faster than three narrow ones).
+
+    The checkpoint keeps the separate names, so, like gpt-fast's ``wqkv`` load hook: ``load_state_dict`` joins the
+    parts into the fused weight, ``state_dict()`` gives them back (row views, no copy) under their own names and
+    in their own order, and ``module.fused_parts`` tells the loader where each part's rows go
+    (``{"q_proj": ("qkv_proj", 0, 4096), ...}``)."""
+    slots, lo = {}, 0
+    for name, rows in parts:
+        slots[name] = (fused, lo, lo + rows)
+        lo += rows
+    module.fused_parts = slots
+
+    def split_on_save(mod: nn.Module, state: dict, prefix: str, _meta) -> None:
+        linear = getattr(mod, fused)
+        mine = [k for k in state if k.startswith(prefix + fused + ".")]
+        if not all(k.endswith((".weight", ".bias")) for k in mine) or not getattr(linear, "rows_split_on_save",
+                                                                                  type(linear) is nn.Linear):
+            return  # a quantized stand-in: its tensors are not the checkpoint's rows
+        # This module's entries are the last ones written: re-insert them in checkpoint order.
+        own = {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        for k, v in own.items():
+            name, _, attr = k[len(prefix):].partition(".")
+            if name != fused:
+                state[k] = v
+                continue
+            for part, (_, a, b) in slots.items():
+                state[f"{prefix}{part}.{attr}"] = v[a:b]
+
+    def join_on_load(mod: nn.Module, state: dict, prefix: str, *_args) -> None:
+        for attr in ("weight", "bias"):
+            keys = [f"{prefix}{part}.{attr}" for part in slots]
+            if all(k in state for k in keys):
+                state[f"{prefix}{fused}.{attr}"] = torch.cat([state.pop(k) for k in keys])
+
+    module.register_state_dict_post_hook(split_on_save)
+    module.register_load_state_dict_pre_hook(join_on_load)
+
+
 class Attention(nn.Module):
+    """Self-attention with q|k|v as one Linear (``qkv_proj``); the checkpoint's q/k/v_proj names are kept in
+    ``state_dict()`` (see ``fuse_on_load``)."""
+
     def __init__(self, config: TextConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                         config.head_dim)
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, nq + 2 * nkv, bias=bias)
+        self.o_proj = nn.Linear(nq, config.hidden_size, bias=bias)
+        fuse_on_load(self, "qkv_proj", [("q_proj", nq), ("k_proj", nkv), ("v_proj", nkv)])
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, cache_start: int,
                 mask: Tensor | None, is_causal: bool) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([nq, nkv, nkv], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, cache_start, k, v)
         gqa = self.n_kv_heads != self.n_heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, nq))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate|up as one Linear (``gate_up_proj``)."""
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
         bias = config.mlp_bias
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        fuse_on_load(self, "gate_up_proj", [("gate_proj", config.intermediate_size),
+                                            ("up_proj", config.intermediate_size)])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
