@@ -99,6 +99,7 @@ class Engine:
         if slice_lm_head and type(head) is nn.Linear and self.vocab_limit < vocab:
             self._head_rows = (head.weight[:self.vocab_limit],
                                None if head.bias is None else head.bias[:self.vocab_limit])
+        self.lm_head_rows = vocab if self._head_rows is None else self.vocab_limit  # computed per decoded token
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._sessions: LRU = LRU(max(1, max_sessions))

@@ -425,7 +425,7 @@ def _is_loaded(module: nn.Module) -> bool:
 
 def load_model(checkpoint_dir: str | Path, *, device: torch.device | str = "cpu",
                dtype: torch.dtype | str = torch.bfloat16, quantization: str = "none",
-               config: DsvlConfig | None = None, pack: bool | None = None
+               config: DsvlConfig | None = None, pack: bool | None = False
                ) -> tuple["DeepseekVLHybrid", LoadInfo]:  # noqa: F821
     """Build the model on ``meta`` and fill it tensor by tensor, shard by shard, straight in ``device``/``dtype``.
 
@@ -434,7 +434,8 @@ def load_model(checkpoint_dir: str | Path, *, device: torch.device | str = "cpu"
     replaced by ``quantize_linear(linear, quantization)`` after each shard, so full-precision copies never pile up.
     This is where the decoder's fused Linears (``qkv_proj``, ``gate_up_proj``: filled part by part as the
     checkpoint's q/k/v and gate/up tensors arrive) are quantized: fuse, then quantize. Without quantization, the
-    decoder's Linears are finally packed for oneDNN when ``pack`` (default: on CPU in bfloat16, where supported).
+    decoder's Linears are finally packed for oneDNN when ``pack`` is true (``None``: on CPU in bfloat16 where
+    supported, what ``dsvl.load`` does; default off, plain ``nn.Linear``s).
     """
     from .model import DeepseekVLHybrid
 
