@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .sampling import SamplingParams, StopStringFilter, sample
+from .sessions import Session
 from .stream import GenerationStats, _Cancelled
 from .text import StreamingDetokenizer
 
@@ -30,6 +31,8 @@ def generate_batch(engine: "Engine", conversations: list, *, cancel: threading.E
                                         reserve_new_tokens=min(p.max_new_tokens, engine.max_context_tokens // 2))
                for c in conversations]
     max_new = min(p.max_new_tokens, engine.max_context_tokens - max(len(pr.token_ids) for pr in prompts))
+    L = max(len(pr.token_ids) for pr in prompts)
+    engine._kv.check_fits(L + max_new, batch=len(prompts))  # refused before prefill
     try:
         with engine._locked(cancel):
             return _run(engine, prompts, p, max_new, cancel, GenerationStats())
@@ -41,6 +44,7 @@ def _run(engine: "Engine", prompts: list, p: SamplingParams, max_new: int, cance
          ) -> list[str]:
     B = len(prompts)
     L = max(len(pr.token_ids) for pr in prompts)
+    rows = Session(None)  # the batch's cache: reserved from the KV budget like a session's, freed at the end
     try:
         ids = torch.full((B, L), engine.pad_id, dtype=torch.long)
         mask = torch.zeros((B, L + max_new), dtype=torch.bool)
@@ -52,7 +56,8 @@ def _run(engine: "Engine", prompts: list, p: SamplingParams, max_new: int, cance
         all_keys = [k for pr in prompts for k in pr.image_keys]
         all_images = [im for pr in prompts for im in pr.images]
         features = engine._image_features(all_images, all_keys, stats, cancel)
-        cache = engine._alloc_cache(B, L + max_new)
+        engine._kv.reserve(rows, L + max_new, batch=B)  # may evict idle sessions
+        cache = rows.cache
         lm = engine.model.model.language_model
         embed = lm.embed_tokens
         pos = (mask[:, :L].long().cumsum(-1) - 1).clamp(min=0)
@@ -97,3 +102,5 @@ def _run(engine: "Engine", prompts: list, p: SamplingParams, max_new: int, cance
     except torch.OutOfMemoryError:
         engine._drop_all()  # the next request must find the memory free
         raise
+    finally:
+        engine._kv.release(rows)

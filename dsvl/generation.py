@@ -26,8 +26,9 @@ from torch import Tensor, nn
 from . import faults as fault_injection
 from .batch import generate_batch
 from .config import DsvlConfig
-from .llama import KVCache
 from .sampling import SamplingParams, StopStringFilter, sample
+from .kvpool import KVPool, resolve_budget
+from .llama import KVCache
 from .sessions import LRU, Reply, Session, image_runs, position_keys, reusable_prefix, splice_replies
 from .stream import GenerationStats, TextStream, _Cancelled, _AnyEvent
 from .text import StreamingDetokenizer
@@ -61,7 +62,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, processor, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, quantization: str = "none", max_context_tokens: int = 4096,
-                 max_sessions: int = 4, image_cache_size: int = 32, prefill_chunk: int = 2048,
+                 kv_cache_memory: str | int | float | None = None, image_cache_size: int = 32, prefill_chunk: int = 2048,
                  slice_lm_head: bool = True, quantization_reason: str = "", checkpoint_dir: Path | None = None,
                  defaults: SamplingParams | None = None) -> None:
         from .quantization import weight_bytes
@@ -102,8 +103,9 @@ class Engine:
         self.lm_head_rows = vocab if self._head_rows is None else self.vocab_limit  # computed per decoded token
         self._lock = threading.Lock()
         self._owner: int | None = None
-        self._sessions: LRU = LRU(max(1, max_sessions))
-        self._spare: KVCache | None = None  # a freed cache kept for reuse (allocating 2 GB per request is slow)
+        self._kv = KVPool(self.config.text, self.dtype, self.device, 0, self.max_context_tokens)
+        self._kv.budget_bytes = resolve_budget(kv_cache_memory, self.device, self.weight_bytes,
+                                               self._kv.context_bytes)
         self._features: LRU = LRU(image_cache_size)
         self._pending_end: set[str] = set()  # end_session() calls that arrived while a request held the lock
         self._decode_fn = self._decode_eager
@@ -144,6 +146,7 @@ class Engine:
                                pack=options.pop("pack", None))
         engine = cls(net, processor, device=dev, dtype=dt, quantization=mode, max_context_tokens=max_context_tokens,
                      quantization_reason=reason, checkpoint_dir=path, **options)
+        log.info("dsvl: %s", engine.kv_summary())
         log.info("dsvl: loaded %s on %s as %s, quantization=%s%s, weights %.2f GB in %.1f s%s", path,
                  dev_mod.describe(dev), str(dt).removeprefix("torch."), mode, f" ({reason})" if reason else "",
                  engine.weight_bytes / 1e9, time.perf_counter() - t0,
@@ -164,6 +167,7 @@ class Engine:
                                         top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop)
         prompt = self.processor.prepare(messages, max_context_tokens=self.max_context_tokens,
                                         reserve_new_tokens=min(params.max_new_tokens, self.max_context_tokens // 2))
+        self._kv.check_fits(self._kv_need(len(prompt.token_ids), params.max_new_tokens))  # refused before prefill
         return TextStream(self, prompt, params, session_id, cancel, t_call)
 
     def generate(self, messages_or_batch, **params: Any) -> str | list[str]:
@@ -176,8 +180,8 @@ class Engine:
         return generate_batch(self, list(messages_or_batch), **params)
 
     def end_session(self, session_id: str) -> None:
-        """Free a session's KV cache (the buffer is kept for the next session). Never waits: while a request is
-        running, the session is dropped when it finishes."""
+        """Free a session's KV cache. Never waits: while a request is running, the session is dropped when it
+        finishes."""
         self._pending_end.add(session_id)
         if self._lock.acquire(blocking=False):
             try:
@@ -188,14 +192,28 @@ class Engine:
     def _end_pending(self) -> None:
         """Called with the lock held."""
         while self._pending_end:
-            s = self._sessions.pop(self._pending_end.pop(), None)
-            if s is not None:
-                self._recycle(s.cache)
+            self._kv.drop(self._pending_end.pop())
 
     @property
     def sessions(self) -> list[str]:
         """Ids of the sessions that hold a KV cache (least recently used first)."""
-        return list(self._sessions)
+        return [sid for sid, s in self._kv.sessions.items() if s.cache is not None]
+
+    @property
+    def kv_budget_bytes(self) -> int:
+        """The memory all sessions' KV caches share (``kv_cache_memory``)."""
+        return self._kv.budget_bytes
+
+    def kv_stats(self) -> dict[str, int]:
+        """KV memory now: ``kv_reserved_bytes`` (never above the budget), ``kv_budget_bytes``, ``sessions_cached``,
+        ``kv_evictions`` (idle sessions evicted to make room, since loading)."""
+        return self._kv.stats()
+
+    def kv_summary(self) -> str:
+        """One line for logs and banners: the budget in GB and in full-length conversations."""
+        n = self._kv.budget_bytes / self._kv.context_bytes
+        return (f"KV cache memory {self._kv.budget_bytes / 1e9:.2f} GB = {n:.1f} full-length conversations of "
+                f"{self.max_context_tokens:,} tokens")
 
     # ---- locking --------------------------------------------------------------------------------------------
 
@@ -222,46 +240,13 @@ class Engine:
 
     # ---- caches ---------------------------------------------------------------------------------------------
 
-    def _new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        max_len = max_len or self.max_context_tokens
-        if batch_size == 1 and max_len == self.max_context_tokens and self._spare is not None:
-            cache, self._spare = self._spare, None
-            return cache
-        return self._alloc_cache(batch_size, max_len)
-
-    def _alloc_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """A static KV cache. Eager attention reads only the live length, which is always written first, so the
-        buffers can stay uninitialised: pages are then only touched (and counted in RSS) as the context grows,
-        instead of 268 MB (mid) / 2 GB (7B) being zeroed up front. The compiled step attends over a masked bucket
-        that includes unwritten slots (0 x NaN would poison it), so there they are zeroed."""
-        cache = KVCache(self.config.text, batch_size, max_len, self.dtype, "meta")
-        alloc = torch.zeros if self.compiled else torch.empty
-        cache.k = alloc(cache.k.shape, dtype=self.dtype, device=self.device)
-        cache.v = alloc(cache.v.shape, dtype=self.dtype, device=self.device)
-        if self.compiled:  # the compiled step writes into these buffers in place: keep them graph-static
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
-        return cache
-
-    def _recycle(self, cache: KVCache) -> None:
-        if cache.batch_size == 1 and cache.max_len == self.max_context_tokens:
-            self._spare = cache
-
-    def _session(self, session_id: str | None) -> tuple[Session, bool]:
-        """The session's state (created on first use); anonymous requests get a fresh, unsaved one."""
-        if session_id is None:
-            return Session(self._new_cache()), False
-        s = self._sessions.get_touch(session_id)
-        if s is None:
-            s = Session(self._new_cache())
-            for old in self._sessions.put(session_id, s):
-                self._recycle(old.cache)
-        return s, True
+    def _kv_need(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Positions a request may fill: its prompt and its whole reply, within the context."""
+        return min(prompt_tokens + max_new_tokens, self.max_context_tokens)
 
     def _drop_all(self) -> None:
-        self._sessions.clear()
+        self._kv.drop_all()
         self._features.clear()
-        self._spare = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -337,7 +322,7 @@ class Engine:
 
     def _run_session(self, ts: "TextStream") -> Iterator[str]:
         stats = ts.stats
-        session, keep = self._session(ts.session_id)
+        session, keep = self._kv.session(ts.session_id)
         gen, filt = ts.generated_ids, StopStringFilter(ts.params.stop)
         ok = False
         try:
@@ -358,7 +343,7 @@ class Engine:
             if ok:
                 self._remember_reply(session, ts, gen, filt)
             if not keep:
-                self._recycle(session.cache)
+                self._kv.release(session)
             if stats.token_times and stats.new_tokens > 1:
                 dt = stats.token_times[-1] - stats.token_times[0]
                 stats.decode_tokens_per_s = (stats.new_tokens - 1) / dt if dt > 0 else None
@@ -369,9 +354,11 @@ class Engine:
         per = self.num_image_tokens
         keys = position_keys(prompt.token_ids, prompt.image_keys, self.image_id, per)
         ids, keys, kept = splice_replies(prompt.token_ids, keys, session, self.eos_id, self.tokenizer.decode)
-        if len(ids) + 1 > session.cache.max_len:  # spliced ids can be a little longer than the re-tokenised ones
+        if len(ids) + 1 > self.max_context_tokens:  # spliced ids can be a little longer than the re-tokenised ones
             ids, keys, kept = list(prompt.token_ids), position_keys(prompt.token_ids, prompt.image_keys,
                                                                     self.image_id, per), []
+        # Room for the prompt and the whole reply; an evicted (or given-up) prefix is simply recomputed.
+        self._kv.reserve(session, self._kv_need(len(ids), p.max_new_tokens))
         runs = image_runs(ids, self.image_id, per)
         reuse = reusable_prefix(ids, keys, session, runs, per)
         # From here on the session holds exactly `ids[:reuse]` until the prefill below succeeds.
@@ -452,9 +439,10 @@ class Engine:
 
     def _on_error(self, session: Session, session_id: str | None, e: BaseException) -> None:
         """After a failure the session's cache may be half-written: forget it. Out of memory: free everything."""
-        session.reset()
         if session_id is not None:
-            self._sessions.pop(session_id, None)
+            self._kv.drop(session_id)
+        else:
+            self._kv.release(session)
         if isinstance(e, torch.OutOfMemoryError):
             log.warning("out of memory during generation; dropping all caches: %s", e)
             self._drop_all()

@@ -24,7 +24,7 @@ class Reply:
 
 @dataclass
 class Session:
-    cache: KVCache
+    cache: KVCache | None  # None: holds no memory (new, evicted, or between anonymous requests)
     ids: list[int] = field(default_factory=list)  # tokens whose keys/values are in `cache`, in order
     keys: list[str | None] = field(default_factory=list)  # image key per position (None = text)
     replies: list[Reply] = field(default_factory=list)
