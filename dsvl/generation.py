@@ -56,6 +56,18 @@ def _release_heap() -> None:
 
 _malloc_trim = None
 
+COMPILE_MODES = ("auto", "on", "off")
+
+
+def compile_mode(value: str | bool, device: torch.device) -> bool:
+    """``compile``: "on" / True, "off" / False, or "auto" = on for CUDA (where the per-token launch overhead that
+    CUDA graphs remove is large), off elsewhere (CPU decode is bound by reading the weights)."""
+    if isinstance(value, bool):
+        return value
+    if value not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {value!r}")
+    return value == "on" or (value == "auto" and device.type == "cuda")
+
 
 class Engine:
     """What ``dsvl.load`` returns. Thread-safe; see the module docstring."""
@@ -64,7 +76,7 @@ class Engine:
                  dtype: torch.dtype | None = None, quantization: str = "none", max_context_tokens: int = 4096,
                  kv_cache_memory: str | int | float | None = None, image_cache_size: int = 32, prefill_chunk: int = 2048,
                  slice_lm_head: bool = True, quantization_reason: str = "", checkpoint_dir: Path | None = None,
-                 defaults: SamplingParams | None = None) -> None:
+                 defaults: SamplingParams | None = None, compile: str | bool = "auto") -> None:
         from .quantization import weight_bytes
 
         self.model = model.eval().requires_grad_(False)
@@ -109,7 +121,10 @@ class Engine:
         self._features: LRU = LRU(image_cache_size)
         self._pending_end: set[str] = set()  # end_session() calls that arrived while a request held the lock
         self._decode_fn = self._decode_eager
-        self.compiled = False
+        # bitsandbytes' kernels break the graph: "auto" leaves them eager.
+        self.compiled = compile_mode(compile, self.device) and not (compile == "auto" and quantization in ("int8", "nf4"))
+        if self.compiled:
+            self._setup_compile()
 
     # ---- construction ---------------------------------------------------------------------------------------
 
@@ -125,6 +140,8 @@ class Engine:
 
         mode = q_mod.check_mode(quantization)
         dev, dt = dev_mod.resolve(device, dtype)
+        if compile_mode(options.get("compile", "auto"), dev) and dev.type == "cpu":
+            options.setdefault("pack", False)  # inductor packs weights its own way; it cannot trace oneDNN's
         path = resolve_checkpoint(model, revision=revision) if revision else resolve_checkpoint(model)
         try:
             config = DsvlConfig.from_file(path / "config.json")
@@ -299,6 +316,22 @@ class Engine:
             pos = torch.arange(start + c0, start + c0 + chunk.shape[1], device=self.device)
             hidden = self.model.model.language_model(chunk, pos, cache=cache, cache_start=start + c0)
         return self._logits(hidden[:, -1])
+
+    def _setup_compile(self) -> None:
+        """The decode step as ``torch.compile`` of the decoder's own forward with static shapes (``cache_start`` as
+        a tensor; see ``LlamaModel.forward``). On CUDA with CUDA graphs ("reduce-overhead"): one graph per cache size,
+        so the KV pool keeps few sizes and zeroes its buffers."""
+        lm = self.model.model.language_model
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self._step = torch.compile(lm, mode=mode, dynamic=False)
+        self._kv.static = True
+        self._decode_fn = self._decode_compiled
+
+    def _decode_compiled(self, tok: Tensor, pos: int, cache: KVCache) -> Tensor:
+        p = torch.full((1,), pos, dtype=torch.long, device=self.device)
+        embed = self.model.model.language_model.embed_tokens
+        h = self._step(embed(tok), p.expand(tok.shape[0], 1), cache=cache, cache_start=p)
+        return self._logits(h[:, -1])
 
     def _decode_eager(self, tok: Tensor, pos: int, cache: KVCache) -> Tensor:
         """One token (B, 1) at position ``pos`` -> logits (B, V)."""

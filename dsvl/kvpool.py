@@ -103,6 +103,9 @@ class KVPool:
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.reserved_bytes = 0
         self.evictions = 0
+        # For the compiled decode step: zeroed buffers (it attends over the whole buffer under a mask, and 0 x NaN
+        # from uninitialised memory would poison it) in few distinct sizes (each size is one compiled graph).
+        self.static = False
 
     @property
     def context_bytes(self) -> int:
@@ -174,7 +177,10 @@ class KVPool:
         self.sessions.clear()
 
     def _rounded(self, tokens: int) -> int:
-        return max(tokens, min(self.max_len, -(-max(1, tokens) // BLOCK_TOKENS) * BLOCK_TOKENS))
+        blocks = -(-max(1, tokens) // BLOCK_TOKENS)
+        if self.static:
+            blocks = 1 << (blocks - 1).bit_length()  # powers of two: log2(max_len / block) + 1 graphs at most
+        return max(tokens, min(self.max_len, blocks * BLOCK_TOKENS))
 
     def _evict_for(self, need: int, running: Session) -> None:
         """Evict idle sessions, least recently used first, until ``need`` more bytes fit."""
@@ -196,8 +202,12 @@ class KVPool:
         session.reset()
 
     def _alloc(self, batch: int, size: int) -> KVCache:
-        """Buffers left uninitialised: attention reads only positions already written."""
+        """Eager attention reads only positions already written, so the buffers may stay uninitialised."""
         cache = KVCache(self.config, batch, size, self.dtype, "meta")
-        cache.k = torch.empty(cache.k.shape, dtype=self.dtype, device=self.device)
-        cache.v = torch.empty(cache.v.shape, dtype=self.dtype, device=self.device)
+        new = torch.zeros if self.static else torch.empty
+        cache.k = new(cache.k.shape, dtype=self.dtype, device=self.device)
+        cache.v = new(cache.v.shape, dtype=self.dtype, device=self.device)
+        if self.static and self.device.type == "cuda":  # CUDA graphs then read them in place, without copies
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
         return cache

@@ -72,7 +72,9 @@ class KVCache(nn.Module):
     """Static K/V buffers ``(layers, B, H_kv, max_len, head_dim)``, allocated once.
 
     ``update`` writes the new keys/values at ``[start, start+T)`` and returns views over ``[0, start+T)``: attention
-    then runs over the live length only, never the whole buffer (performance-notes §6.2).
+    then runs over the live length only, never the whole buffer. With ``start`` a tensor of positions (the compiled
+    decode step), every shape is static instead: K/V are written with ``index_copy_`` and the whole buffer is
+    returned, for attention under a mask (``static_attention_mask``).
     """
 
     def __init__(self, config: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype,
@@ -90,7 +92,11 @@ class KVCache(nn.Module):
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, start: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if isinstance(start, Tensor):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: positions up to {end} but max_len is {self.max_len}")
@@ -157,7 +163,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(nq, config.hidden_size, bias=bias)
         fuse_on_load(self, "qkv_proj", [("q_proj", nq), ("k_proj", nkv), ("v_proj", nkv)])
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, cache_start: int,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, cache_start: int | Tensor,
                 mask: Tensor | None, is_causal: bool) -> Tensor:
         B, T, _ = x.shape
         nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -197,7 +203,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, cache_start: int,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, cache_start: int | Tensor,
                 mask: Tensor | None, is_causal: bool) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, cache_start, mask, is_causal)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -232,6 +238,12 @@ def build_attention_mask(T: int, cache_start: int, key_padding_mask: Tensor | No
     return mask, False
 
 
+def static_attention_mask(positions: Tensor, S: int) -> Tensor:
+    """(1, 1, T, S) mask for queries at ``positions`` (T,) over a whole cache buffer of S slots: slot <= position.
+    Slots past the live length are masked; they must hold finite numbers (0 x NaN would still poison the sum)."""
+    return (torch.arange(S, device=positions.device)[None, :] <= positions[:, None])[None, None]
+
+
 class LlamaModel(nn.Module):
     """Decoder stack without the LM head; ``forward`` takes embeddings (the caller scatters image features)."""
 
@@ -244,16 +256,21 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor, cache: KVCache | None = None,
-                cache_start: int = 0, key_padding_mask: Tensor | None = None) -> Tensor:
+                cache_start: int | Tensor = 0, key_padding_mask: Tensor | None = None) -> Tensor:
         """inputs_embeds (B, T, D), position_ids (B, T) or (T,), key_padding_mask (B, cache_start+T) bool with
-        True = real token. Returns the final-normed hidden states (B, T, D)."""
+        True = real token. Returns the final-normed hidden states (B, T, D). ``cache_start`` as a tensor (T,) of
+        cache slots makes every shape static (what ``torch.compile`` with CUDA graphs needs; no padding mask)."""
         B, T, _ = inputs_embeds.shape
-        if cache is None and cache_start:
+        static = isinstance(cache_start, Tensor)
+        if cache is None and (static or cache_start):
             raise ValueError("cache_start > 0 needs a cache holding the prefix")
         if position_ids.dim() == 1:
             position_ids = position_ids[None].expand(B, T)
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
-        mask, is_causal = build_attention_mask(T, cache_start, key_padding_mask, inputs_embeds.device)
+        if static:
+            mask, is_causal = static_attention_mask(cache_start, cache.max_len), False
+        else:
+            mask, is_causal = build_attention_mask(T, cache_start, key_padding_mask, inputs_embeds.device)
         h = inputs_embeds
         for layer in self.layers:
             h = layer(h, cos, sin, cache, cache_start, mask, is_causal)

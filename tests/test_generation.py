@@ -580,3 +580,33 @@ def test_defaults_come_from_generation_config(tmp_path, config, want):
     assert SamplingParams.from_generation_config(tmp_path) == want
     assert SamplingParams.from_generation_config(tmp_path / "missing") == SamplingParams()
     assert want.override(temperature=None, top_k=3).top_k == 3
+
+
+# ---- the compiled decode step -------------------------------------------------------------------------------------
+
+@pytest.mark.compile
+def test_compiled_step_gives_eager_greedy_tokens(engine, tiny_checkpoint):
+    """``compile="on"`` on CPU: inductor compiles the decoder's own forward with static shapes (the CUDA-graph
+    step's shapes) and decodes the same greedy tokens as eager, on a first turn and a follow-up from the cache."""
+    compiled = dsvl.load(str(tiny_checkpoint), device="cpu", dtype="float32", compile="on", max_context_tokens=2048)
+    assert compiled.compiled and compiled._decode_fn == compiled._decode_compiled
+    conv = [user("What is the capital of France?")]
+    kw = dict(GREEDY, max_new_tokens=6)
+    eager = engine.stream(conv, session_id="e", **kw)
+    first = compiled.stream(conv, session_id="c", **kw)
+    assert "".join(first) == "".join(eager) and first.generated_ids == eager.generated_ids
+    follow = conv + [assistant(first.text), user("Why?")]
+    eager2 = engine.stream(follow, session_id="e", **kw)
+    second = compiled.stream(follow, session_id="c", **kw)
+    assert "".join(second) == "".join(eager2) and second.stats.reused_tokens > 0
+    assert second.generated_ids == eager2.generated_ids
+    engine.end_session("e")
+
+
+def test_compile_modes(tiny_checkpoint):
+    from dsvl.generation import compile_mode
+
+    assert compile_mode("auto", torch.device("cuda")) and not compile_mode("auto", torch.device("cpu"))
+    assert compile_mode("on", torch.device("cpu")) and not compile_mode("off", torch.device("cuda"))
+    with pytest.raises(ValueError, match="compile must be one of auto, on, off"):
+        dsvl.load(str(tiny_checkpoint), device="cpu", compile="sometimes")
