@@ -221,6 +221,11 @@ class Engine:
         """The memory all sessions' KV caches share (``kv_cache_memory``)."""
         return self._kv.budget_bytes
 
+    @property
+    def kv_conversations(self) -> float:
+        """The budget in full-length conversations (``max_context_tokens`` each)."""
+        return self._kv.budget_bytes / self._kv.context_bytes
+
     def kv_stats(self) -> dict[str, int]:
         """KV memory now: ``kv_reserved_bytes`` (never above the budget), ``kv_budget_bytes``, ``sessions_cached``,
         ``kv_evictions`` (idle sessions evicted to make room, since loading)."""
@@ -228,9 +233,8 @@ class Engine:
 
     def kv_summary(self) -> str:
         """One line for logs and banners: the budget in GB and in full-length conversations."""
-        n = self._kv.budget_bytes / self._kv.context_bytes
-        return (f"KV cache memory {self._kv.budget_bytes / 1e9:.2f} GB = {n:.1f} full-length conversations of "
-                f"{self.max_context_tokens:,} tokens")
+        return (f"KV cache memory {self._kv.budget_bytes / 1e9:.2f} GB = {self.kv_conversations:.1f} full-length "
+                f"conversations of {self.max_context_tokens:,} tokens")
 
     # ---- locking --------------------------------------------------------------------------------------------
 

@@ -80,7 +80,8 @@ def load_engine(settings: Settings):
     t0 = time.perf_counter()
     try:
         engine = dsvl.load(model=settings.model, device=settings.device, dtype=settings.dtype,
-                           quantization=settings.quantization, max_context_tokens=settings.max_context_tokens)
+                           quantization=settings.quantization, max_context_tokens=settings.max_context_tokens,
+                           kv_cache_memory=settings.kv_cache_memory, compile=settings.compile)
     except Exception as exc:
         if type(exc).__name__ in _LOAD_ERRORS:
             raise SystemExit(f"Could not load the model: {exc}") from None
@@ -89,6 +90,8 @@ def load_engine(settings: Settings):
     print(f"Loaded in {time.perf_counter() - t0:.1f} s: device {engine.device}, dtype {dtype}, "
           f"quantization {engine.quantization}, weights {engine.weight_bytes / 2**30:.2f} GiB"
           + ("  [RANDOM WEIGHTS]" if getattr(engine, "is_random", False) else ""), flush=True)
+    if hasattr(engine, "kv_summary"):
+        print(f"{engine.kv_summary()}; compiled decode step: {'on' if engine.compiled else 'off'}", flush=True)
     return engine
 
 

@@ -40,6 +40,8 @@ class Settings:
     concurrency: int = 1  # generations running at once
     max_queue: int = 32  # requests waiting; more are refused with "queue is full"
     max_file_size: int = 20 * 1024 * 1024  # bytes, per uploaded file
+    kv_cache_memory: str = "auto"  # all conversations' KV cache: a size (6GB), a fraction of free memory, or auto
+    compile: str = "auto"  # compiled decode step: auto (= on for CUDA), on, off
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     def auth_pairs(self) -> list[tuple[str, str]] | None:
@@ -118,6 +120,13 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
                    help="requests allowed to wait; more get 'queue is full' [DSVL_MAX_QUEUE] (default: %(default)s)")
     p.add_argument("--max-file-size", default=e("DSVL_MAX_FILE_SIZE", "20MB"),
                    help="largest accepted upload, e.g. 20MB [DSVL_MAX_FILE_SIZE] (default: %(default)s)")
+    p.add_argument("--kv-cache-memory", default=e("DSVL_KV_CACHE_MEMORY", d.kv_cache_memory),
+                   help="memory for all conversations' KV caches: a size like 6GB, a fraction like 0.5 of the "
+                        "memory left after the weights, or auto (CUDA: all of it; CPU: half); idle conversations "
+                        "are evicted when it is full [DSVL_KV_CACHE_MEMORY] (default: %(default)s)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default=e("DSVL_COMPILE", d.compile),
+                   help="compile the decode step with torch.compile (CUDA graphs on a GPU); auto = on for CUDA "
+                        "[DSVL_COMPILE] (default: %(default)s)")
     return p
 
 
@@ -128,6 +137,9 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         max_file_size = parse_size(a.max_file_size)
         if a.auth:
             parse_auth(a.auth)
+        from dsvl.kvpool import parse_budget  # the core's parser: one definition of what a budget may be
+
+        parse_budget(a.kv_cache_memory)
     except ValueError as exc:
         parser.error(str(exc))
     for name in ("max_images", "max_context_tokens", "concurrency", "max_queue", "port"):
@@ -137,5 +149,5 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         model=a.model, quantization=a.quantization, device=a.device, dtype=a.dtype, host=a.host,
         port=a.port, share=bool(a.share), auth=a.auth or None, max_images=a.max_images,
         max_context_tokens=a.max_context_tokens, concurrency=a.concurrency, max_queue=a.max_queue,
-        max_file_size=max_file_size,
+        max_file_size=max_file_size, kv_cache_memory=a.kv_cache_memory, compile=a.compile,
     )

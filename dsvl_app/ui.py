@@ -111,6 +111,9 @@ def banner_html(engine, settings: Settings) -> str:
         ("weights", weights),
         ("context", f"{int(getattr(engine, 'max_context_tokens', settings.max_context_tokens)):,} tokens"),
     ]
+    if hasattr(engine, "kv_budget_bytes"):  # KV memory in GB and in full-length conversations
+        chips.append(("KV memory", f"{engine.kv_budget_bytes / 1e9:.1f} GB ≈ "
+                                   f"{engine.kv_conversations:.1f} full conversations"))
     parts = ['<div id="dsvl-banner"><span class="name">DeepSeek-VL 7B chat</span>']
     tips = {"model": settings.model}
     parts += [f'<span class="chip" title="{html.escape(tips.get(k, k))}">{html.escape(k)}: {html.escape(v)}</span>'
