@@ -348,7 +348,7 @@ class Engine:
 
     def _run(self, ts: "TextStream") -> Iterator[str]:
         """The body of a TextStream (a generator run in the consumer's thread)."""
-        stats, params = ts.stats, ts.params
+        stats = ts.stats
         t_wait = time.perf_counter()
         try:
             with self._locked(ts.cancel):
