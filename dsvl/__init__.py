@@ -24,6 +24,7 @@ _EXPORTS = {
     "Engine": "dsvl.generation",
     "GenerationStats": "dsvl.stream",
     "TextStream": "dsvl.stream",
+    "KVMemoryError": "dsvl.kvpool",
 }
 
 if TYPE_CHECKING:
