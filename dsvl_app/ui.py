@@ -111,6 +111,8 @@ def banner_html(engine, settings: Settings) -> str:
         ("weights", weights),
         ("context", f"{int(getattr(engine, 'max_context_tokens', settings.max_context_tokens)):,} tokens"),
     ]
+    if getattr(engine, "backend", None):  # a remote server: it knows its precision and device, we do not
+        chips = [("model", engine.model), ("backend", engine.backend), chips[-1]]
     if hasattr(engine, "kv_budget_bytes"):  # KV memory in GB and in full-length conversations
         chips.append(("KV memory", f"{engine.kv_budget_bytes / 1e9:.1f} GB ≈ "
                                    f"{engine.kv_conversations:.1f} full conversations"))
