@@ -122,7 +122,8 @@ class Engine:
         self._pending_end: set[str] = set()  # end_session() calls that arrived while a request held the lock
         self._decode_fn = self._decode_eager
         # bitsandbytes' kernels break the graph: "auto" leaves them eager.
-        self.compiled = compile_mode(compile, self.device) and not (compile == "auto" and quantization in ("int8", "nf4"))
+        bnb = quantization.startswith("bnb")
+        self.compiled = compile_mode(compile, self.device) and not (compile == "auto" and bnb)
         if self.compiled:
             self._setup_compile()
 
@@ -152,8 +153,8 @@ class Engine:
             choice = q_mod.choose_auto(config, dev, dt, max_context_tokens)
             mode, reason = choice.mode, choice.reason
         if mode != "none" and dev.type not in ("cpu", "cuda"):
-            raise q_mod.QuantizationError(f"quantization={mode!r} needs bitsandbytes on CPU or CUDA; it does not "
-                                          f"support {dev.type}. Use quantization='none'.")
+            raise q_mod.QuantizationError(f"quantization={mode!r} runs on CPU and CUDA only, not on {dev.type}. "
+                                          f"Use quantization='none'.")
         t0 = time.perf_counter()
         try:  # before the weights: a missing tokenizer must not cost a 15 GB load first
             processor = Processor.from_dir(path)
@@ -182,8 +183,11 @@ class Engine:
         t_call = time.perf_counter()
         params = self.defaults.override(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                         top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+        # Images whose features are cached are not decoded here (a follow-up question re-reads none); `cancel`
+        # abandons a long preparation between turns and images (processor.Cancelled).
         prompt = self.processor.prepare(messages, max_context_tokens=self.max_context_tokens,
-                                        reserve_new_tokens=min(params.max_new_tokens, self.max_context_tokens // 2))
+                                        reserve_new_tokens=min(params.max_new_tokens, self.max_context_tokens // 2),
+                                        cancel=cancel, have_features=self._features.__contains__)
         self._kv.check_fits(self._kv_need(len(prompt.token_ids), params.max_new_tokens))  # refused before prefill
         return TextStream(self, prompt, params, session_id, cancel, t_call)
 
@@ -210,6 +214,11 @@ class Engine:
         """Called with the lock held."""
         while self._pending_end:
             self._kv.drop(self._pending_end.pop())
+
+    def clear_caches(self) -> None:
+        """Drop every session's KV cache and every cached image feature (and return GPU memory to the driver)."""
+        with self._locked():
+            self._drop_all()
 
     @property
     def sessions(self) -> list[str]:
@@ -404,8 +413,7 @@ class Engine:
         ts.token_ids = ids
 
         new_runs = [s for s in runs if s >= reuse]
-        key_to_image = dict(zip(prompt.image_keys, prompt.images))
-        features = self._image_features([key_to_image[keys[s]] for s in new_runs], [keys[s] for s in new_runs],
+        features = self._image_features([prompt.image_for(keys[s]) for s in new_runs], [keys[s] for s in new_runs],
                                         stats, cancel)
         t0 = time.perf_counter()
         logits = self._prefill(ids[reuse:], features, session.cache, reuse, cancel, faults)
