@@ -82,7 +82,8 @@ def load_engine(settings: Settings):
     try:
         engine = dsvl.load(model=settings.model, device=settings.device, dtype=settings.dtype,
                            quantization=settings.quantization, max_context_tokens=settings.max_context_tokens,
-                           max_image_pixels=settings.max_image_pixels)
+                           max_image_pixels=settings.max_image_pixels,
+                           kv_cache_memory=settings.kv_cache_memory, compile=settings.compile)
     except Exception as exc:
         if type(exc).__name__ in _LOAD_ERRORS:
             raise SystemExit(f"Could not load the model: {exc}") from None
@@ -93,6 +94,8 @@ def load_engine(settings: Settings):
           + ("  [RANDOM WEIGHTS]" if getattr(engine, "is_random", False) else ""), flush=True)
     if getattr(engine, "quantization_reason", ""):  # --quantization auto: what it chose and why
         print(f"Quantization auto: {engine.quantization_reason}", flush=True)
+    if hasattr(engine, "kv_summary"):
+        print(f"{engine.kv_summary()}; compiled decode step: {'on' if engine.compiled else 'off'}", flush=True)
     return engine
 
 

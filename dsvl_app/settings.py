@@ -61,6 +61,8 @@ class Settings:
     backend: str = "local"  # "local": load the model here; "openai": stream from an OpenAI-compatible server
     api_base: str | None = None  # that server's URL, e.g. http://gpu-box:23333/v1
     api_model: str | None = None  # its model id (default: the first it lists)
+    kv_cache_memory: str = "auto"  # all conversations' KV cache: a size (6GB), a fraction of free memory, or auto
+    compile: str = "auto"  # compiled decode step: auto (= on for CUDA), on, off
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     def auth_pairs(self) -> list[tuple[str, str]] | None:
@@ -154,6 +156,13 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
                    help="with --backend openai, e.g. http://127.0.0.1:23333/v1 [DSVL_API_BASE]")
     p.add_argument("--api-model", default=e("DSVL_API_MODEL", None), metavar="NAME",
                    help="with --backend openai: the model id (default: the first the server lists) [DSVL_API_MODEL]")
+    p.add_argument("--kv-cache-memory", default=e("DSVL_KV_CACHE_MEMORY", d.kv_cache_memory),
+                   help="memory for all conversations' KV caches: a size like 6GB, a fraction like 0.5 of the "
+                        "memory left after the weights, or auto (CUDA: all of it; CPU: half); idle conversations "
+                        "are evicted when it is full [DSVL_KV_CACHE_MEMORY] (default: %(default)s)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default=e("DSVL_COMPILE", d.compile),
+                   help="compile the decode step with torch.compile (CUDA graphs on a GPU); auto = on for CUDA "
+                        "[DSVL_COMPILE] (default: %(default)s)")
     return p
 
 
@@ -164,6 +173,9 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         max_file_size = parse_size(a.max_file_size)
         if a.auth:
             parse_auth(a.auth)
+        from dsvl.kvpool import parse_budget  # the core's parser: one definition of what a budget may be
+
+        parse_budget(a.kv_cache_memory)
     except ValueError as exc:
         parser.error(str(exc))
     if a.max_image_pixels is not None and a.max_image_pixels < 1:
@@ -178,6 +190,6 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         port=a.port, share=bool(a.share), auth=a.auth or None, max_images=a.max_images,
         max_images_per_chat=a.max_images_per_chat,
         max_context_tokens=a.max_context_tokens, concurrency=a.concurrency, max_queue=a.max_queue,
-        max_file_size=max_file_size, max_image_pixels=a.max_image_pixels, backend=a.backend, api_base=a.api_base,
-        api_model=a.api_model,
+        max_file_size=max_file_size, max_image_pixels=a.max_image_pixels, kv_cache_memory=a.kv_cache_memory,
+        compile=a.compile, backend=a.backend, api_base=a.api_base, api_model=a.api_model,
     )

@@ -153,6 +153,9 @@ def banner_html(engine, settings: Settings) -> str:
     ]
     if getattr(engine, "backend", None):  # a remote server: it knows its precision and device, we do not
         chips = [("model", engine.model), ("backend", engine.backend), chips[-1]]
+    if hasattr(engine, "kv_budget_bytes"):  # KV memory in GB and in full-length conversations
+        chips.append(("KV memory", f"{engine.kv_budget_bytes / 1e9:.1f} GB ≈ "
+                                   f"{engine.kv_conversations:.1f} full conversations"))
     parts = ['<div id="dsvl-banner"><span class="name">DeepSeek-VL 7B chat</span>']
     tips = {"model": settings.model}
     if quant not in ("none", ""):  # what the quantized mode costs, on hover
