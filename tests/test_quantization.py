@@ -54,7 +54,10 @@ def test_quantized_logits_and_memory(full, tiny_checkpoint, mode, max_ratio, min
     assert weight_bytes(q.model) < full.weight_bytes
     # Generation runs end to end on the quantized model.
     s = q.stream([{"role": "user", "content": "Hi"}], max_new_tokens=4, temperature=0, stop=())
-    assert len(list(s)) >= 0 and s.stats.new_tokens == 4
+    text = "".join(s)
+    assert s.stats.new_tokens == 4 and s.stats.stop_reason == "max_new_tokens", s.stats
+    # greedy: the same request again gives the same text (what streamed is what the model chose)
+    assert text == q.generate([{"role": "user", "content": "Hi"}], max_new_tokens=4, temperature=0, stop=())
 
 
 def _assert_layers_within(model, max_ratio):

@@ -166,5 +166,4 @@ def test_soak_8_clients_5_turns_with_images(tiny_checkpoint, tmp_path):
     distinct = {a for _, answers, _ in results for a in answers}
     assert len(distinct) > CLIENTS  # the check has teeth: answers differ between conversations
     total = time.perf_counter() - t_start
-    print(f"soak test total {total:.1f} s")
-    assert total < 240
+    print(f"soak test total {total:.1f} s")  # a figure for the log; the time limit is CI's job timeout
