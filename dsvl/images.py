@@ -56,7 +56,7 @@ class ImageError(ValueError):
 
 
 def preprocessor_config() -> dict[str, Any]:
-    """`preprocessor_config.json` with the values the HF conversion script passes (reference §3.1)."""
+    """`preprocessor_config.json` with the values the HF conversion script passes (docs/MODEL.md §4)."""
     return {
         "background_color": [int(m * 255) for m in IMAGENET_STANDARD_MEAN],
         "do_normalize": True,

@@ -1,5 +1,5 @@
 """``DeepseekVLHybrid``: SigLIP-L (384 px) + SAM-B (1024 px) towers, the high-res glue, the hybrid aligner, the
-LLaMA decoder and ``lm_head`` (reference §1.5, §1.6, §2).
+LLaMA decoder and ``lm_head`` (docs/MODEL.md §1-3).
 
 Module names equal transformers 5 in-memory names (``model.vision_model.*``, ``model.high_res_vision_model.*``,
 ``model.high_res_vision_neck.*``, ``model.high_res_vision_proj.conv{1,2}``, ``model.high_res_vision_alpha``,

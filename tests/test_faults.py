@@ -1,4 +1,4 @@
-"""Faults (issue 6 item 2): an out-of-memory error inside generation, a client that disconnects mid-stream, and a
+"""Faults: an out-of-memory error inside generation, a client that disconnects mid-stream, and a
 broken checkpoint at start-up.
 
 OOM is injected through the engine's test-only variable `DSVL_FAULT_INJECT` (read per request, so setting it in

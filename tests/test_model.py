@@ -1,5 +1,5 @@
 """DeepseekVLHybrid against transformers' DeepseekVLHybridForConditionalGeneration on the same saved random weights
-(float32, CPU), plus the reference §6 pitfalls of the glue, the aligner and sequence assembly.
+(float32, CPU), plus the pitfalls (docs/MODEL.md §7) of the glue, the aligner and sequence assembly.
 
 Inputs are built by hand (BOS + ids + 576 x image id), so these tests do not depend on the processor.
 """
@@ -71,7 +71,7 @@ def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 def test_reference_loads_cleanly_and_untied(env):
     ours, ref, info, _ = env
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    # §1.1: the chat model's lm_head is its own tensor, in both implementations.
+    # docs/MODEL.md §1: the chat model's lm_head is its own tensor, in both implementations.
     assert not torch.equal(ref.lm_head.weight, ref.model.language_model.embed_tokens.weight)
     assert ours.lm_head.weight is not ours.model.language_model.embed_tokens.weight
     assert torch.equal(ours.lm_head.weight, ref.lm_head.weight)
@@ -142,7 +142,7 @@ def test_left_padded_batch_logits(env):
         got = ours(ids, attention_mask=mask, pixel_values=pv, high_res_pixel_values=hpv).logits
         want = ref(input_ids=ids, attention_mask=mask, pixel_values=pv, high_res_pixel_values=hpv,
                    position_ids=pos).logits
-        # §2: the padded row gives the same logits as the same prompt alone (default position_ids = cumsum).
+        # MODEL.md §2: the padded row gives the same logits as the same prompt alone (default position_ids = cumsum).
         alone = ours(torch.tensor([rows[1]])).logits
     real = mask.bool()
     print("padded batch max rel diff", rel(got[real], want[real]), "vs alone", rel(got[1, -len(rows[1]):], alone[0]))

@@ -1,4 +1,4 @@
-"""Soak (issue 6 item 3): 8 concurrent gradio_client clients hold 5-turn conversations with images against one
+"""Soak: 8 concurrent gradio_client clients hold 5-turn conversations with images against one
 live server on the tiny checkpoint.
 
 Checked: zero errors; every answer reached the right session (each client's prompts and images are its own, and
