@@ -96,6 +96,20 @@ def _examples() -> list[dict]:
 # Rendering
 
 
+def model_name(engine) -> str:
+    """The name of the model actually loaded ("DeepSeek-VL 1.3B chat"), for the banner and the page title."""
+    config = getattr(engine, "config", None)
+    return getattr(config, "display_name", "DeepSeek-VL chat")
+
+
+def real_model(engine) -> str:
+    """The hub id of the published checkpoint of the loaded model's family (for the random-weights notice)."""
+    from dsvl.config import CHAT_MODELS
+
+    model_type = getattr(getattr(engine, "config", None), "model_type", None)
+    return CHAT_MODELS.get(model_type, next(iter(CHAT_MODELS.values())))[1]
+
+
 def banner_html(engine, settings: Settings) -> str:
     quant = str(getattr(engine, "quantization", "none") or "none")
     dtype = str(getattr(engine, "dtype", "")).replace("torch.", "")
@@ -111,7 +125,7 @@ def banner_html(engine, settings: Settings) -> str:
         ("weights", weights),
         ("context", f"{int(getattr(engine, 'max_context_tokens', settings.max_context_tokens)):,} tokens"),
     ]
-    parts = ['<div id="dsvl-banner"><span class="name">DeepSeek-VL 7B chat</span>']
+    parts = [f'<div id="dsvl-banner"><span class="name">{html.escape(model_name(engine))}</span>']
     tips = {"model": settings.model}
     parts += [f'<span class="chip" title="{html.escape(tips.get(k, k))}">{html.escape(k)}: {html.escape(v)}</span>'
               for k, v in chips]
@@ -120,7 +134,7 @@ def banner_html(engine, settings: Settings) -> str:
         parts.append(
             '<div id="dsvl-random">⚠️ RANDOM WEIGHTS — this checkpoint was written by the random-checkpoint tool '
             "(<code>python -m dsvl.tiny</code>). Every answer is meaningless noise. Use it to try the interface "
-            "only; start the app with <code>--model deepseek-community/deepseek-vl-7b-chat</code> (or a local "
+            f"only; start the app with <code>--model {html.escape(real_model(engine))}</code> (or a local "
             "copy of it) for real answers.</div>")
     return "".join(parts)
 
@@ -171,7 +185,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
     def ctx(conv, live=None):
         return context_html(conv, max_ctx, rt.num_image_tokens, live)
 
-    with gr.Blocks(title="DeepSeek-VL chat", delete_cache=(1800, 6 * 3600), fill_height=True,
+    with gr.Blocks(title=model_name(engine), delete_cache=(1800, 6 * 3600), fill_height=True,
                    analytics_enabled=False) as demo:
         conv = gr.State([])  # canonical turns (history.py); per browser tab / API client
         pending = gr.State(None)  # the message being sent, put back into the box if it fails
