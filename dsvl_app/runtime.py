@@ -172,7 +172,7 @@ class Runtime:
             return sum(len(s) for s in self._active.values())
 
     # ---- one reply ----------------------------------------------------------------------------------
-    def reply(self, session: str, conv: list[dict], params: dict) -> Iterator[Reply]:
+    def reply(self, session: str, conv: list[dict], params: dict, system_prompt: str | None = None) -> Iterator[Reply]:
         """Stream the answer to the last user turn of `conv`. The first Reply comes once the engine has
         accepted the request (prompt built, images decoded); later ones as text arrives (throttled); the
         last one has status done/stopped and the stats. Raises UserError for what the user can fix.
@@ -180,10 +180,13 @@ class Runtime:
         The engine is driven by a thread of its own for the whole reply: the engine's lock belongs to the
         thread that starts a stream, while Gradio runs each step of a generator on any thread of its pool.
         Closing this generator (Stop, client cancel, tab closed) sets the cancel event; the engine stops
-        within one token and the thread then closes the stream, which frees the engine."""
+        within one token and the thread then closes the stream, which frees the engine. `system_prompt`
+        (None: the checkpoint's own) goes to the engine as a leading system message."""
         messages = history.engine_messages(conv)
         if not messages or messages[-1]["role"] != "user":
             raise UserError("There is no question to answer.", "Nothing to send")
+        if system_prompt is not None:
+            messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}, *messages]
         cancel = threading.Event()
         with self._lock:
             self._active.setdefault(session, set()).add(cancel)

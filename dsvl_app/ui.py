@@ -25,6 +25,7 @@ from typing import Any
 import gradio as gr
 
 from . import history
+from . import system_prompt as sysprompt
 from .runtime import Runtime, UserError, failure_message, generation_params
 from .settings import Settings
 from .uploads import UploadError, check_files, check_image, human_size, is_within
@@ -181,6 +182,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
     rt = Runtime(engine, settings, upload_root=Path(gr.utils.get_upload_folder()), gpu=gpu)
     max_ctx = rt.max_context_tokens
     gdef = settings.generation
+    default_system = sysprompt.default_for(engine)
 
     def ctx(conv, live=None):
         return context_html(conv, max_ctx, rt.num_image_tokens, live)
@@ -228,6 +230,11 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                 repetition_penalty = gr.Slider(1.0, 2.0, value=gdef.repetition_penalty, step=0.01,
                                                label="Repetition penalty")
                 seed = gr.Number(value=gdef.seed, precision=0, label="Seed", info="-1 = random")
+            system_prompt = gr.Textbox(
+                value=default_system, label="System prompt", lines=2, max_lines=8, max_length=sysprompt.MAX_CHARS,
+                elem_id="dsvl-system-prompt",
+                info="Written before the conversation (a persona, a language, a format). Default: the model's own; "
+                     "empty: none. A change re-reads the whole chat on the next answer.")
         gr.Markdown(
             "<small>Conversations live in this browser tab only; the server keeps no log of them. Closing the tab "
             "deletes your uploads from the server.</small>", elem_id="dsvl-privacy")
@@ -304,13 +311,14 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             return staged([*conv_[:i], turn], None)
 
         # -- the queued, streaming step ---------------------------------------------------------------
-        def answer(conv_, t, p, k, n, r, s, request: gr.Request):
+        def answer(conv_, t, p, k, n, r, s, sp, request: gr.Request):
             session = request.session_hash
             epoch = rt.epoch(session)
             started = False
             try:
                 params = generation_params(t, p, k, n, r, s, max_context_tokens=max_ctx, defaults=gdef)
-                with closing(rt.reply(session, conv_, params)) as replies:
+                system = sysprompt.clean(sp, default_system)
+                with closing(rt.reply(session, conv_, params, system)) as replies:
                     for reply in replies:
                         if rt.epoch(session) != epoch:
                             return  # "New chat" was pressed meanwhile: this reply belongs to nobody
@@ -346,7 +354,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                 conv_[-1] = {**conv_[-1], "status": "stopped", "stats": stats}
             return [box, history.chatbot_messages(conv_), conv_, None, ctx(conv_), *idle()]
 
-        answer_kwargs = dict(fn=answer, inputs=[conv, *sliders], outputs=[chatbot, conv, context_md],
+        answer_kwargs = dict(fn=answer, inputs=[conv, *sliders, system_prompt], outputs=[chatbot, conv, context_md],
                              concurrency_id=GPU, concurrency_limit=settings.concurrency, show_progress="minimal",
                              api_visibility="private")
         finish_kwargs = dict(fn=finish, inputs=[conv, pending], outputs=stage_outputs, queue=False,
@@ -395,23 +403,27 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
         for trigger in (clear_btn.click, chatbot.clear):
             trigger(new_chat, None, [chatbot, conv, context_md], **private)
 
-        def do_export(conv_):
+        def do_export(conv_, sp):
             if not conv_:
                 gr.Info("Nothing to export yet.")
                 return ""
             try:
-                return json.dumps(history.export_conversation(conv_, settings.model), ensure_ascii=False)
+                doc = history.export_conversation(conv_, settings.model)
+                doc["system_prompt"] = sysprompt.clean(sp, default_system)
+                return json.dumps(doc, ensure_ascii=False)
+            except UserError as exc:
+                raise gr.Error(exc.message, title=exc.title) from None
             except OSError as exc:
                 raise gr.Error(f"An image of this chat is no longer on the server ({exc.filename}).",
                                title="Export failed") from None
 
-        export_btn.click(do_export, [conv], [export_data], **private).then(
+        export_btn.click(do_export, [conv, system_prompt], [export_data], **private).then(
             None, [export_data], None, js=DOWNLOAD_JS, **private)
 
         def do_import(path, request: gr.Request):
             session = request.session_hash
             if not path:
-                return gr.skip(), gr.skip(), gr.skip()
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
             try:
                 raw = Path(path).read_bytes()
             finally:
@@ -422,24 +434,28 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                 turns, written = history.import_conversation(raw, out_dir, max_image_bytes=settings.max_file_size)
                 for p in written:
                     check_image(p, settings.max_file_size)
-            except (history.ConversationFormatError, UploadError) as exc:
+                system = sysprompt.from_export(raw)
+            except (history.ConversationFormatError, UploadError, UserError) as exc:
                 shutil.rmtree(out_dir, ignore_errors=True)
                 raise gr.Error(f"Could not import this file: {exc}", title="Import failed") from None
             rt.files.track_dir(session, out_dir)
             rt.new_conversation(session)
             gr.Info(f"Imported {len(turns)} messages and {len(written)} images.")
-            return history.chatbot_messages(turns), turns, ctx(turns)
+            return history.chatbot_messages(turns), turns, ctx(turns), gr.skip() if system is None else system
 
-        import_btn.upload(do_import, [import_btn], [chatbot, conv, context_md], api_visibility="private")
+        import_btn.upload(do_import, [import_btn], [chatbot, conv, context_md, system_prompt],
+                          api_visibility="private")
 
         # -- API: /chat and /clear --------------------------------------------------------------------
         def chat(message, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, history,
-                 conv_, request: gr.Request):
+                 system_prompt, conv_, request: gr.Request):
             """Send one message ({"text": str, "files": [image, ...]}) and stream the answer.
 
             The conversation is kept per client session (a gradio_client Client), so successive calls
             continue it; /clear starts a new one. `history` (optional) replaces it: a list of messages in
-            Gradio's typed or raw shape or the engine's shape; its files must be earlier uploads."""
+            Gradio's typed or raw shape or the engine's shape; its files must be earlier uploads.
+            `system_prompt` (optional, last so that older positional calls keep working) replaces the
+            model's own; "" means none."""
             session = request.session_hash
             epoch = rt.epoch(session)
             base = conv_ if history in (None, "", []) else _api_history(history, rt)
@@ -447,9 +463,13 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             new = [*base, turn]
             params = generation_params(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
                                        max_context_tokens=max_ctx, defaults=gdef)
+            try:
+                system = sysprompt.clean(system_prompt, default_system)
+            except UserError as exc:
+                raise gr.Error(exc.message, title=exc.title) from None
             started = False
             try:
-                with closing(rt.reply(session, new, params)) as replies:
+                with closing(rt.reply(session, new, params, system)) as replies:
                     for reply in replies:
                         if rt.epoch(session) != epoch:
                             return  # /clear meanwhile
@@ -465,7 +485,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                     yield gr.skip(), base
                 raise gr.Error(failure_message(exc), title="Model error") from None
 
-        api_btn.click(chat, [textbox, *sliders, api_history, conv], [api_answer, conv], api_name="chat",
+        api_btn.click(chat, [textbox, *sliders, api_history, system_prompt, conv], [api_answer, conv], api_name="chat",
                       concurrency_id=GPU, concurrency_limit=settings.concurrency, api_visibility="public")
 
         def clear_api(request: gr.Request):
