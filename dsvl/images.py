@@ -290,6 +290,15 @@ def _side(value: Any, key: str) -> int:
     raise ValueError(f"{key} must be a square size (height == width), got {value!r}")
 
 
+def _is_hybrid(kind: str, cfg: Mapping[str, Any]) -> bool:
+    """DeepseekVLHybrid* (7B) or DeepseekVL* (1.3B, one branch); a file that names neither: its keys decide."""
+    if "Hybrid" in kind:
+        return True
+    if kind.startswith("DeepseekVL"):
+        return False
+    return "high_res_size" in cfg or "size" not in cfg  # (no keys at all: the 7B defaults, as before)
+
+
 def _resample(value: Any) -> int:
     return _RESAMPLE_NAMES[value.lower()] if isinstance(value, str) else int(value)
 
@@ -322,7 +331,7 @@ class ImageProcessor:
             return cls() if hybrid else cls.from_dict(preprocessor_config(hybrid=False))
         if not cfg.get("do_resize", True) or not cfg.get("do_pad", True):
             raise ValueError("do_resize=false / do_pad=false are not supported: the model needs square inputs")
-        hybrid = not kind.startswith("DeepseekVLImageProcessor")  # (the hybrid's is DeepseekVLHybridImageProcessor)
+        hybrid = _is_hybrid(kind or str(cfg.get("processor_class") or ""), cfg)
         d = {**preprocessor_config(), **preprocessor_config(hybrid)}
         get = lambda key: cfg.get(key, d[key]) if cfg.get(key) is not None else d[key]  # noqa: E731
         return cls(

@@ -197,3 +197,39 @@ def test_auto_on_a_small_cpu_suggests_the_1_3b_model():
     assert SMALLER_MODEL not in choose_auto(seven, cpu, bf16, free_bytes=small // 2).reason  # neither fits
     assert SMALLER_MODEL not in choose_auto(seven, torch.device("cuda"), bf16, free_bytes=small + gib).reason
     assert choose_auto(DsvlConfig.siglip_only_1_3b(), cpu, bf16, free_bytes=small + gib).mode == "none"
+
+
+def test_app_names_the_loaded_model(ckpt, tiny_checkpoint):
+    from dsvl_app import Settings
+    from dsvl_app.ui import banner_html, build_app
+
+    small = dsvl.load(str(ckpt), device="cpu", dtype="float32")
+    big = dsvl.load(str(tiny_checkpoint), device="cpu", dtype="float32")
+    for engine, name, hub in [(small, "DeepSeek-VL 1.3B chat", "deepseek-vl-1.3b-chat"),
+                              (big, "DeepSeek-VL 7B chat", "deepseek-vl-7b-chat")]:
+        banner = banner_html(engine, Settings(model=str(ckpt)))
+        assert f'<span class="name">{name}</span>' in banner and f"--model deepseek-community/{hub}" in banner
+        assert build_app(engine, Settings(model=str(ckpt))).title == name
+
+
+def test_image_processor_family_from_its_file():
+    from dsvl.images import ImageProcessor, preprocessor_config
+
+    assert ImageProcessor.from_dict(preprocessor_config()).hybrid
+    assert not ImageProcessor.from_dict(preprocessor_config(hybrid=False)).hybrid
+    assert not ImageProcessor.from_dict({"processor_class": "DeepseekVLProcessor"}).hybrid
+    assert not ImageProcessor.from_dict({"image_processor_type": "VLMImageProcessor", "image_size": 384}).hybrid
+    assert ImageProcessor.from_dict({"image_processor_type": "VLMImageProcessor", "image_size": 1024}).hybrid
+    assert ImageProcessor.from_dict({}).hybrid  # no file content: the 7B defaults
+
+
+def test_mismatched_processor_files_are_refused(ckpt, tmp_path):
+    import shutil
+
+    from dsvl.images import preprocessor_config
+
+    d = tmp_path / "mixed"
+    shutil.copytree(ckpt, d)
+    (d / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(hybrid=True)))
+    with pytest.raises(dsvl.CheckpointError, match="other DeepSeek-VL family"):
+        dsvl.load(str(d), device="cpu", dtype="float32")
