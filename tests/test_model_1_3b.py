@@ -233,3 +233,15 @@ def test_mismatched_processor_files_are_refused(ckpt, tmp_path):
     (d / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(hybrid=True)))
     with pytest.raises(dsvl.CheckpointError, match="other DeepSeek-VL family"):
         dsvl.load(str(d), device="cpu", dtype="float32")
+
+
+def test_full_size_shapes_equal_transformers_on_meta():
+    from dsvl.loading import iter_expected
+
+    cfg = DsvlConfig.siglip_only_1_3b()
+    ours = dict(iter_expected(cfg))
+    with torch.device("meta"):
+        ref = transformers.DeepseekVLForConditionalGeneration(transformers.DeepseekVLConfig(**cfg.to_dict()))
+    assert ours == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    n = sum(torch.Size(s).numel() for s in ours.values())
+    assert 1.9e9 < n < 2.1e9  # untied 102400-row embeddings and head + 1.23 G decoder + 0.3 G SigLIP-L
