@@ -101,7 +101,7 @@ class Processor:
         text = render_chat(messages, add_generation_prompt, self.chat_template, **kw)
         if system is None:
             return text
-        out = with_system_prompt(text, render_chat([], False, self.chat_template, **kw), system)
+        out = with_system_prompt(text, self.render([], False), system)
         if out is None:  # a template without a fixed preamble: let it write the system message its own way
             out = render_chat([{"role": "system", "content": system}, *messages], add_generation_prompt,
                               self.chat_template, **kw)
@@ -110,7 +110,7 @@ class Processor:
     @property
     def default_system_prompt(self) -> str:
         """The system prompt the checkpoint's chat template writes when none is given ("" if it writes none)."""
-        return render_chat([], False, self.chat_template).removesuffix("\n\n")
+        return self.render([], False).removesuffix("\n\n")
 
     def _mark_control_tokens(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
         """Wrap special-token strings typed inside text items with a random marker, so `_encode` can encode them
