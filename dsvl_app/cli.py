@@ -136,9 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     # Two servers sharing /tmp/gradio would delete each other's identical uploads when a session ends.
     os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="dsvl-chat-uploads-"))
 
-    engine = load_engine(settings)
+    if settings.backend == "openai":
+        from .remote import OpenAIBackend
+
+        engine = OpenAIBackend(settings.api_base, settings.api_model, max_context_tokens=settings.max_context_tokens)
+        print(f"Answers come from {engine.backend}", flush=True)
+    else:
+        engine = load_engine(settings)
 
     from .ui import build_app, launch_options
 
-    demo = build_app(engine, settings, gpu=spaces_gpu())
+    demo = build_app(engine, settings, gpu=spaces_gpu() if settings.backend == "local" else None)
     demo.launch(**launch_options(settings))

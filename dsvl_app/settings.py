@@ -40,6 +40,9 @@ class Settings:
     concurrency: int = 1  # generations running at once
     max_queue: int = 32  # requests waiting; more are refused with "queue is full"
     max_file_size: int = 20 * 1024 * 1024  # bytes, per uploaded file
+    backend: str = "local"  # "local": load the model here; "openai": stream from an OpenAI-compatible server
+    api_base: str | None = None  # that server's URL, e.g. http://gpu-box:23333/v1
+    api_model: str | None = None  # its model id (default: the first it lists)
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     def auth_pairs(self) -> list[tuple[str, str]] | None:
@@ -119,6 +122,13 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
                    help="requests allowed to wait; more get 'queue is full' [DSVL_MAX_QUEUE] (default: %(default)s)")
     p.add_argument("--max-file-size", default=e("DSVL_MAX_FILE_SIZE", "20MB"),
                    help="largest accepted upload, e.g. 20MB [DSVL_MAX_FILE_SIZE] (default: %(default)s)")
+    p.add_argument("--backend", choices=["local", "openai"], default=e("DSVL_BACKEND", d.backend),
+                   help="local: load the model in this process; openai: stream from the OpenAI-compatible server "
+                        "at --api-base (key in DSVL_API_KEY or OPENAI_API_KEY) [DSVL_BACKEND] (default: %(default)s)")
+    p.add_argument("--api-base", default=e("DSVL_API_BASE", None), metavar="URL",
+                   help="with --backend openai, e.g. http://127.0.0.1:23333/v1 [DSVL_API_BASE]")
+    p.add_argument("--api-model", default=e("DSVL_API_MODEL", None), metavar="NAME",
+                   help="with --backend openai: the model id (default: the first the server lists) [DSVL_API_MODEL]")
     return p
 
 
@@ -131,6 +141,8 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
             parse_auth(a.auth)
     except ValueError as exc:
         parser.error(str(exc))
+    if a.backend == "openai" and not a.api_base:
+        parser.error("--backend openai needs --api-base URL (the server's /v1 address)")
     for name in ("max_images", "max_context_tokens", "concurrency", "max_queue", "port"):
         if getattr(a, name) < (0 if name == "port" else 1):
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -138,5 +150,5 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         model=a.model, quantization=a.quantization, device=a.device, dtype=a.dtype, host=a.host,
         port=a.port, share=bool(a.share), auth=a.auth or None, max_images=a.max_images,
         max_context_tokens=a.max_context_tokens, concurrency=a.concurrency, max_queue=a.max_queue,
-        max_file_size=max_file_size,
+        max_file_size=max_file_size, backend=a.backend, api_base=a.api_base, api_model=a.api_model,
     )

@@ -13,14 +13,17 @@ from .runtime import UserError
 MAX_CHARS = 4000  # a persona or a language rule fits easily; the context limit still applies on top
 
 
-def default_for(engine) -> str:
-    """The checkpoint's own system prompt ("" when its chat template has none)."""
-    return str(getattr(getattr(engine, "processor", None), "default_system_prompt", "") or "")
+def default_for(engine) -> str | None:
+    """The checkpoint's own system prompt ("" when its chat template has none); None when the engine does not
+    say (a remote server, `--backend openai`, which keeps its own unless the user writes one)."""
+    value = getattr(getattr(engine, "processor", None), "default_system_prompt", None)
+    return value if isinstance(value, str) else None
 
 
-def clean(value: Any, default: str) -> str:
-    """None (an API call made without it) -> `default`; text -> the text as the model may see it, stripped.
-    Raises UserError for anything else or for text beyond MAX_CHARS."""
+def clean(value: Any, default: str | None) -> str | None:
+    """None (an API call made without it) -> `default`; text -> the text as the model may see it, stripped; None
+    (send no system message) for empty text when the default is unknown. Raises UserError for anything else or
+    for text beyond MAX_CHARS."""
     if value is None:
         return default
     if not isinstance(value, str):
@@ -29,7 +32,7 @@ def clean(value: Any, default: str) -> str:
     if len(text) > MAX_CHARS:
         raise UserError(f"The system prompt has {len(text):,} characters; at most {MAX_CHARS:,} are allowed.",
                         "System prompt too long")
-    return text
+    return None if not text and default is None else text
 
 
 def from_export(raw: bytes | str) -> str | None:

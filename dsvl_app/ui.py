@@ -126,6 +126,8 @@ def banner_html(engine, settings: Settings) -> str:
         ("weights", weights),
         ("context", f"{int(getattr(engine, 'max_context_tokens', settings.max_context_tokens)):,} tokens"),
     ]
+    if getattr(engine, "backend", None):  # a remote server: it knows its precision and device, we do not
+        chips = [("model", engine.model), ("backend", engine.backend), chips[-1]]
     parts = [f'<div id="dsvl-banner"><span class="name">{html.escape(model_name(engine))}</span>']
     tips = {"model": settings.model}
     parts += [f'<span class="chip" title="{html.escape(tips.get(k, k))}">{html.escape(k)}: {html.escape(v)}</span>'
@@ -231,8 +233,8 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                                                label="Repetition penalty")
                 seed = gr.Number(value=gdef.seed, precision=0, label="Seed", info="-1 = random")
             system_prompt = gr.Textbox(
-                value=default_system, label="System prompt", lines=2, max_lines=8, max_length=sysprompt.MAX_CHARS,
-                elem_id="dsvl-system-prompt",
+                value=default_system or "", label="System prompt", lines=2, max_lines=8,
+                max_length=sysprompt.MAX_CHARS, elem_id="dsvl-system-prompt",
                 info="Written before the conversation (a persona, a language, a format). Default: the model's own; "
                      "empty: none. A change re-reads the whole chat on the next answer.")
         gr.Markdown(

@@ -119,3 +119,11 @@ def test_clean_rejects_what_is_not_a_system_prompt():
     assert sysprompt.from_export(json.dumps({"system_prompt": " hi "})) == "hi"
     with pytest.raises(UserError):
         sysprompt.from_export(json.dumps({"system_prompt": 5}))
+
+
+def test_unknown_default_sends_no_system_message():
+    """A remote server (`--backend openai`) keeps its own system prompt unless the user writes one."""
+    assert sysprompt.default_for(object()) is None
+    assert sysprompt.clean(None, None) is None and sysprompt.clean("  ", None) is None
+    assert sysprompt.clean("Be brief.", None) == "Be brief."
+    assert sysprompt.clean("", SYSTEM_PROMPT) == ""  # a known default: empty means no system prompt at all
