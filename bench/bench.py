@@ -3,6 +3,8 @@
     python bench/bench.py --preset mid --dtype float32          # CPU (full-size vision, 2 decoder layers)
     python bench/bench.py --preset 7b --dtype bfloat16 [--quantization nf4]   # GPU
     python bench/bench.py --preset 1.3b --dtype bfloat16        # DeepSeek-VL 1.3B chat, full size, CPU
+    python bench/bench.py --preset mid --dtype bfloat16 --dsvl-modes int8-wo,int4-wo,bnb-nf4 \
+        --transformers-modes bnb-nf4 --no-full-head-run           # quantized modes side by side (CPU)
 
 Each implementation runs in its own subprocess (clean peak-memory numbers, no shared caches): load, then one
 image + a question, then a follow-up question in the same conversation, greedy, ``--new-tokens`` tokens per turn
@@ -107,8 +109,37 @@ def run_dsvl(a: argparse.Namespace) -> dict:
         "followup_prompt_tokens": st2.prompt_tokens, "followup_prefilled_tokens": st2.prefilled_tokens,
         "followup_images_encoded": st2.images_encoded, "weight_bytes": engine.weight_bytes,
         "lm_head_rows": engine._head.out_features if engine._head is not None else engine.config.text.vocab_size,
-        "new_tokens": st1.new_tokens, "ids": s1.generated_ids, "threads": torch.get_num_threads(), **peak_memory(a.device),
+        "new_tokens": st1.new_tokens, "ids": s1.generated_ids, "threads": torch.get_num_threads(),
+        "quantization": engine.quantization, "decode_bytes": quantized_decode_bytes(engine),
+        **peak_memory(a.device), **text_logits(engine, a.result),
     }
+
+
+def quantized_decode_bytes(engine) -> int | None:
+    """Bytes a quantized engine reads per decoded token: the decoder Linears as stored + the lm_head rows used."""
+    from dsvl.quantization import is_quantizable, module_weight_bytes
+
+    if engine.quantization == "none":
+        return None  # bytes_per_token computes it from the shapes
+    mods = dict(engine.model.named_modules())
+    layers = sum(module_weight_bytes(m) for n, m in mods.items() if n != "lm_head" and
+                 is_quantizable(n, engine.quantization))
+    head = module_weight_bytes(mods["lm_head"])
+    rows = engine._head.out_features if engine._head is not None else engine.config.text.vocab_size
+    return layers + head * rows // engine.config.text.vocab_size
+
+
+def text_logits(engine, result: Path) -> dict:
+    """The next-token logits (float32, decodable ids) after each position of a fixed text, saved next to the
+    result for the accuracy comparison between precisions (cosine against dsvl's unquantized run)."""
+    import torch
+
+    ids = torch.tensor([engine.tokenizer.encode(f"User: {QUESTION}\n\nAssistant: The image shows")])
+    with torch.no_grad():
+        logits = engine.model(ids.to(engine.device)).logits[0, :, :engine.vocab_limit].float().cpu()
+    path = result.with_suffix(".logits.pt")
+    torch.save(logits, path)
+    return {"logits_path": str(path)}
 
 
 def run_transformers(a: argparse.Namespace) -> dict:
@@ -123,7 +154,8 @@ def run_transformers(a: argparse.Namespace) -> dict:
         skip = ["vision_model", "high_res_vision_model", "high_res_vision_neck", "high_res_vision_proj", "aligner",
                 "lm_head"]
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_8bit=a.quantization == "int8", load_in_4bit=a.quantization == "nf4", bnb_4bit_quant_type="nf4",
+            load_in_8bit=a.quantization in ("int8", "bnb-int8"), load_in_4bit=a.quantization in ("nf4", "bnb-nf4"),
+            bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True, llm_int8_skip_modules=skip)
     if a.device.startswith("cuda"):
         kwargs["device_map"] = a.device
@@ -198,7 +230,7 @@ def run_transformers(a: argparse.Namespace) -> dict:
         "followup_prompt_tokens": n2, "followup_prefilled_tokens": n2, "followup_images_encoded": len(encode_s) - 1,
         "weight_bytes": weights, "lm_head_rows": model.config.text_config.vocab_size, "ids": st1.ids,
         "new_tokens": len(st1.ids),
-        "threads": torch.get_num_threads(), **peak_memory(a.device),
+        "threads": torch.get_num_threads(), "quantization": a.quantization, **peak_memory(a.device),
     }
 
 
@@ -312,6 +344,32 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_precisions(results: dict[str, dict]) -> list[str]:
+    """Each extra dsvl precision against the plain dsvl run: logits cosine over a fixed text and how many greedy
+    tokens of the image conversation agree."""
+    import torch
+    import torch.nn.functional as F
+
+    if "dsvl" not in results:
+        return []
+    ref_ids = results["dsvl"]["ids"]
+    ref = torch.load(results["dsvl"]["logits_path"])
+    lines = ["", f"Against dsvl at {results['dsvl']['quantization']}:"]
+    for name, r in results.items():
+        if not name.startswith("dsvl ") or "logits_path" not in r:
+            continue
+        got = torch.load(r["logits_path"])
+        cos = F.cosine_similarity(ref.flatten(), got.flatten(), dim=0).item()
+        same = next((i for i, (x, y) in enumerate(zip(r["ids"], ref_ids)) if x != y), min(len(ref_ids), len(r["ids"])))
+        r["logits_cosine"], r["greedy_agree"] = cos, same
+        lines.append(f"- {name}: logits cosine {cos:.5f} over {ref.shape[0]} positions; greedy ids equal for the "
+                     f"first {same} of {len(ref_ids)} tokens")
+    for r in results.values():
+        if "logits_path" in r:
+            Path(r.pop("logits_path")).unlink(missing_ok=True)
+    return lines
+
+
 def best_of(runs: list[dict]) -> dict:
     higher = {key for _, key, better in ROWS if better == "higher"} | {"followup_decode_tok_s"}
     out = dict(runs[0])
@@ -339,7 +397,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=["tiny", "mid", "7b", "1.3b-tiny", "1.3b"], default="mid")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default=None, help="default: cpu for tiny/mid, cuda for 7b")
-    p.add_argument("--quantization", choices=["none", "int8", "nf4"], default="none")
+    p.add_argument("--quantization", default="none",
+                   help="none, int8-wo, int4-wo[-gN] (dsvl only), bnb-int8, bnb-nf4 (old names int8, nf4)")
+    p.add_argument("--dsvl-modes", default="", help="comma-separated extra dsvl runs, e.g. int8-wo,int4-wo: "
+                   "side by side, with logits cosine and greedy agreement against the --quantization run")
+    p.add_argument("--transformers-modes", default="", help="comma-separated extra transformers runs: bnb-int8,bnb-nf4")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--checkpoint", type=Path, default=None, help="default: bench/out/ckpt-<preset> (written once)")
     p.add_argument("--only", choices=IMPLS, default=None)
@@ -371,8 +433,12 @@ def main(argv: list[str] | None = None) -> None:
         plan.append(("dsvl", "dsvl", []))
     if a.only is None and not a.no_full_head_run:
         plan.append(("dsvl (all lm_head rows)", "dsvl", ["--full-lm-head"]))
+    for mode in filter(None, a.dsvl_modes.split(",")):
+        plan.append((f"dsvl {mode}", "dsvl", ["--quantization", mode]))
     if a.only in (None, "transformers"):
         plan.append(("transformers", "transformers", []))
+        for mode in filter(None, a.transformers_modes.split(",")):
+            plan.append((f"transformers {mode}", "transformers", ["--quantization", mode]))
     # Shared machines are noisy: with --repeat N the implementations run in alternating order N times and each
     # metric keeps its best value (lowest time / memory, highest rate).
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in plan}
@@ -380,10 +446,17 @@ def main(argv: list[str] | None = None) -> None:
         for name, impl, extra in (plan if i % 2 == 0 else plan[::-1]):
             runs[name].append(run_worker(impl, a, extra))
     results = {name: best_of(rs) for name, rs in runs.items()}
+    for rs in runs.values():  # best_of keeps the first run's logits for the accuracy comparison
+        for r in rs[1:]:
+            if "logits_path" in r:
+                Path(r["logits_path"]).unlink(missing_ok=True)
     for r in results.values():
         r["weight_gb"] = r["weight_bytes"] / 1e9
-        if r.get("decode_tok_s"):
-            r["decode_gbs"] = r["decode_tok_s"] * bytes_per_token(r, a.checkpoint, a.dtype) / 1e9
+        quantized = r.get("quantization", a.quantization) != "none"
+        if r.get("decode_tok_s") and (r.get("decode_bytes") or not quantized):
+            per_token = r.get("decode_bytes") or bytes_per_token(r, a.checkpoint, a.dtype)
+            r["decode_gbs"] = r["decode_tok_s"] * per_token / 1e9
+    accuracy = compare_precisions(results)
     ids = {n: r.pop("ids") for n, r in results.items()}
     agree = None
     if "transformers" in ids and "dsvl" in ids:
@@ -402,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
           "transformers" in results else json.dumps(results, indent=1), ""]
     if agree is not None:
         md.append(f"Greedy ids identical to transformers for the first {agree} of {a.new_tokens} tokens.")
+    md += accuracy
     text = "\n".join(md) + "\n"
     (OUT / f"{name}.md").write_text(text)
     (OUT / f"{name}.json").write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(a).items()},

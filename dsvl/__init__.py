@@ -20,6 +20,7 @@ _EXPORTS = {
     "ConfigError": "dsvl.config",
     "ImageError": "dsvl.images",
     "ContextOverflowError": "dsvl.processor",
+    "Cancelled": "dsvl.processor",
     "CheckpointError": "dsvl.loading",
     "Engine": "dsvl.generation",
     "GenerationStats": "dsvl.generation",

@@ -16,8 +16,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
     p.add_argument("--model", default=env("DSVL_MODEL", "deepseek-community/deepseek-vl-7b-chat"),
                    help="hub id, local checkpoint directory, or random:tiny|mid|7b [DSVL_MODEL] (default: %(default)s)")
-    p.add_argument("--quantization", choices=["auto", "none", "int8", "nf4"], default=env("DSVL_QUANTIZATION", "auto"),
-                   help="[DSVL_QUANTIZATION] (default: %(default)s)")
+    p.add_argument("--quantization", default=env("DSVL_QUANTIZATION", "auto"), metavar="MODE",
+                   help="auto, none, int8-wo, int4-wo[-gN], bnb-int8, bnb-nf4 (old names int8, nf4); what each "
+                        "costs: README 'Quantization' [DSVL_QUANTIZATION] (default: %(default)s)")
     p.add_argument("--device", default=env("DSVL_DEVICE", "auto"), help="[DSVL_DEVICE] (default: %(default)s)")
     p.add_argument("--dtype", default=env("DSVL_DTYPE", "auto"), help="[DSVL_DTYPE] (default: %(default)s)")
     p.add_argument("--max-context-tokens", type=int, default=int(env("DSVL_MAX_CONTEXT_TOKENS", 4096)),

@@ -387,8 +387,8 @@ class Engine:
             choice = q_mod.choose_auto(config, dev, dt, max_context_tokens)
             mode, reason = choice.mode, choice.reason
         if mode != "none" and dev.type not in ("cpu", "cuda"):
-            raise q_mod.QuantizationError(f"quantization={mode!r} needs bitsandbytes on CPU or CUDA; it does not "
-                                          f"support {dev.type}. Use quantization='none'.")
+            raise q_mod.QuantizationError(f"quantization={mode!r} runs on CPU and CUDA only, not on {dev.type}. "
+                                          f"Use quantization='none'.")
         t0 = time.perf_counter()
         try:  # before the weights: a missing tokenizer must not cost a 15 GB load first
             processor = Processor.from_dir(path)
@@ -417,8 +417,11 @@ class Engine:
         t_call = time.perf_counter()
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, tuple(stop)
                                 if not isinstance(stop, str) else (stop,))
+        # Images whose features are cached are not decoded here (a follow-up question re-reads none); `cancel`
+        # abandons a long preparation between turns and images (processor.Cancelled).
         prompt = self.processor.prepare(messages, max_context_tokens=self.max_context_tokens,
-                                        reserve_new_tokens=min(max_new_tokens, self.max_context_tokens // 2))
+                                        reserve_new_tokens=min(max_new_tokens, self.max_context_tokens // 2),
+                                        cancel=cancel, have_features=self._features.__contains__)
         return TextStream(self, prompt, params, session_id, cancel, t_call)
 
     def generate(self, messages_or_batch, **params: Any) -> str | list[str]:
@@ -638,8 +641,7 @@ class Engine:
         ts.token_ids = ids
 
         new_runs = [s for s in runs if s >= reuse]
-        key_to_image = dict(zip(prompt.image_keys, prompt.images))
-        features = self._image_features([key_to_image[keys[s]] for s in new_runs], [keys[s] for s in new_runs],
+        features = self._image_features([prompt.image_for(keys[s]) for s in new_runs], [keys[s] for s in new_runs],
                                         stats, cancel)
         t0 = time.perf_counter()
         logits = self._prefill(ids[reuse:], features, session.cache, reuse, cancel, faults)
@@ -811,7 +813,7 @@ class Engine:
             log.warning("compile=True is for CUDA only; running eager on %s", self.device.type)
             return
         if not isinstance(self._decoder, FusedDecoder):
-            log.warning("compile=True is not used with bitsandbytes quantization (its kernels break the graph)")
+            log.warning("compile=True is not used with quantized weights (the compiled step is the dense fused one)")
             return
         for fused in [f for ws in self._decoder.weights for f in ws] + ([self._head] if self._head else []):
             torch._dynamo.mark_static_address(fused.weight)  # weights are not module parameters here

@@ -116,18 +116,12 @@ def _describe(source: Any) -> str:
 
 
 def _fetch_url(url: str, label: str) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "dsvl-chat"})
+    from .safe_fetch import FetchError, fetch  # public hosts only, no redirects, no proxies, bounded
+
     try:
-        with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
-            data = response.read(URL_MAX_BYTES + 1)
-    except urllib.error.HTTPError as e:
-        raise ImageError(f"Cannot load image {label!r}: download failed (HTTP {e.code} {e.reason})") from e
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise ImageError(f"Cannot load image {label!r}: download failed ({reason})") from e
-    if len(data) > URL_MAX_BYTES:
-        raise ImageError(f"Cannot load image {label!r}: download larger than {URL_MAX_BYTES // 2**20} MiB")
-    return data
+        return fetch(url, max_bytes=URL_MAX_BYTES, timeout=URL_TIMEOUT_S)
+    except FetchError as e:
+        raise ImageError(f"Cannot load image {label!r}: {e}") from None
 
 
 def _decode_data_url(url: str, label: str) -> bytes:
@@ -191,11 +185,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV, ...
 
 
-def load_image(source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+def load_image(source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,
+               allow_urls: bool = False) -> Image.Image:
     """Decode `source` into an upright RGB image.
 
     `source`: a PIL image, a path (str/Path), encoded bytes, an http(s) or data: URL, or a numpy array
     (HxWx{1,3,4} or HxW; uint8, uint16, bool, or float in [0, 1]). `name` labels the input in error messages.
+    http(s) URLs are fetched only with `allow_urls=True`, and never from a private, loopback or link-local
+    address (a server must not be made to probe its own network).
     Raises `ImageError` for anything that is not a usable image (unreadable, truncated, empty, too large).
     """
     label = name or _describe(source)
@@ -220,6 +217,8 @@ def load_image(source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str |
         elif isinstance(source, (str, Path)):
             text = str(source)
             if isinstance(source, str) and text.startswith(("http://", "https://")):
+                if not allow_urls:
+                    raise fail("loading images from URLs is off (the caller did not allow it)")
                 stream = io.BytesIO(_fetch_url(text, label))
             elif isinstance(source, str) and text.startswith("data:"):
                 stream = io.BytesIO(_decode_data_url(text, label))

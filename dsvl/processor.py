@@ -11,9 +11,11 @@ import hashlib
 import json
 import re
 import secrets
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -24,6 +26,7 @@ from .text import CHAT_TEMPLATE, Tokenizer, normalize_messages, render_chat, spl
 PROCESSOR_CLASS = "DeepseekVLHybridProcessor"
 PROCESSOR_CLASS_SIGLIP_ONLY = "DeepseekVLProcessor"  # the 1.3B model's
 DEFAULT_NUM_IMAGE_TOKENS = 576
+ESTIMATE_SLACK = 8  # tokens by which the per-turn estimate may miss the whole prompt's count
 
 
 class ContextOverflowError(ValueError):
@@ -39,6 +42,75 @@ class Prompt:
     image_keys: list[str] = field(default_factory=list)  # content hash per image (for feature caches)
     dropped_turns: int = 0  # oldest user(+assistant) turns removed to fit the context
     text: str = ""  # rendered prompt (one placeholder per image), after dropping
+    loaders: list[Callable[[], Image.Image]] = field(default_factory=list, repr=False)  # decode image i again
+
+    def image_for(self, key: str) -> Image.Image:
+        """The decoded image with this key (decoded now if `prepare` skipped it because its features were cached)."""
+        i = self.image_keys.index(key)
+        if self.images[i] is None:
+            self.images[i] = self.loaders[i]()
+        return self.images[i]
+
+
+class Cancelled(Exception):
+    """The caller's cancel event fired while a conversation was being prepared."""
+
+
+def _check(cancel: Any) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled while preparing the prompt")
+
+
+def _local_path(source: Any) -> Path | None:
+    """The file behind an image source when it is a local path (not a URL, data URL, bytes or array)."""
+    if isinstance(source, Path):
+        return source
+    if isinstance(source, str) and not source.startswith(("http://", "https://", "data:")):
+        return Path(source)
+    return None
+
+
+class FileKeys:
+    """Content keys of image files, each file version (path, inode, size, mtime) hashed once: a follow-up
+    question about an image already seen costs a `stat`, not a read, a decode and a hash."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self._keys: OrderedDict[tuple, str] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self.hashed = 0  # files hashed so far (tests count them)
+
+    def key(self, path: Path) -> str:
+        try:
+            st = path.stat()
+        except OSError:
+            raise ImageError(f"Cannot load image {path.name!r}: file not found") from None
+        version = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if version in self._keys:
+                self._keys.move_to_end(version)
+                return self._keys[version]
+        h = hashlib.blake2b(digest_size=16)
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except IsADirectoryError:
+            raise ImageError(f"Cannot load image {path.name!r}: is a directory, not an image file") from None
+        except OSError as e:
+            raise ImageError(f"Cannot load image {path.name!r}: cannot read the file ({e.strerror})") from None
+        key = "bytes:" + h.hexdigest()
+        with self._lock:
+            self.hashed += 1
+            self._keys[version] = key
+            while len(self._keys) > self._capacity:
+                self._keys.popitem(last=False)
+        return key
+
+
+def content_key(data: bytes) -> str:
+    """Key of an encoded image (a file's bytes): equal to `FileKeys.key` of a file holding these bytes."""
+    return "bytes:" + hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def image_key(image: Image.Image) -> str:
@@ -68,6 +140,7 @@ class Processor:
         chat_template: str | None = None,
         sanitize_control_tokens: bool = True,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        allow_urls: bool = False,
     ) -> None:
         if tokenizer.image_token_id is None:
             raise ValueError("the tokenizer has no image token (<image_placeholder>)")
@@ -80,6 +153,8 @@ class Processor:
         self.chat_template = chat_template if chat_template is not None else tokenizer.chat_template
         self.sanitize_control_tokens = sanitize_control_tokens
         self.max_image_pixels = max_image_pixels
+        self.allow_urls = allow_urls  # fetch http(s) image URLs (public hosts only); off: a server never fetches
+        self._file_keys = FileKeys()
 
     @classmethod
     def from_dir(cls, path: str | Path, **kwargs: Any) -> "Processor":
@@ -166,6 +241,8 @@ class Processor:
         *,
         max_context_tokens: int | None = 4096,
         reserve_new_tokens: int = 0,
+        cancel: Any = None,
+        have_features: Callable[[str], bool] | None = None,
     ) -> Prompt:
         """Tokenize one conversation and load its images.
 
@@ -177,6 +254,12 @@ class Processor:
         turn alone does not fit, `ContextOverflowError` is raised. `max_context_tokens=None` disables the limit.
         A generation prompt ("Assistant:") is added unless the conversation ends with an assistant message,
         which is then continued.
+
+        Cost: the turns are tokenized one by one from the newest, stopping at the first that no longer fits,
+        then the kept prompt once more as a whole; older turns are dropped by count, never tokenized.
+        `cancel` (anything with `is_set()`) abandons the work between turns and between images (`Cancelled`).
+        `have_features(key) -> True` says an image's features are cached: that image is not decoded
+        (`Prompt.images` holds None for it; `Prompt.image_for` decodes on demand).
         """
         messages = normalize_messages(conversation)
         system, messages = split_system(messages)  # a leading system message: the system prompt
@@ -193,37 +276,91 @@ class Processor:
         starts = [i for i, m in enumerate(marked) if str(m["role"]).lower() == "user"]
         preamble_end = starts[0] if starts else 0
         turn_starts = starts or [0]
+        budget = None if max_context_tokens is None else max_context_tokens - reserve_new_tokens
+        dropped, slack = self._estimate_dropped(marked, preamble_end, turn_starts, marker, budget, cancel)
 
-        dropped = 0
-        while True:
-            kept = marked[:preamble_end] + marked[turn_starts[dropped] :]
-            text = self.render(kept, add_generation_prompt, system)
-            ids = self._encode(text, marker)
-            if max_context_tokens is None or len(ids) + reserve_new_tokens <= max_context_tokens:
-                break
+        def encoded(first_turn: int) -> tuple[str, list[int]]:
+            _check(cancel)
+            text = self.render(marked[:preamble_end] + marked[turn_starts[first_turn]:], add_generation_prompt, system)
+            return text, self._encode(text, marker)
+
+        text, ids = encoded(dropped)
+        while budget is not None and len(ids) > budget:
             if dropped + 1 >= len(turn_starts):
-                n_images = sum(1 for m in kept for item in m["content"] if item.get("type") == "image")
-                raise ContextOverflowError(
-                    f"The message needs {len(ids)} prompt tokens"
-                    + (f" + {reserve_new_tokens} reserved for the reply" if reserve_new_tokens else "")
-                    + f" but the context allows {max_context_tokens}"
-                    + (f" ({n_images} image(s) at {self.num_image_tokens} tokens per image)" if n_images else "")
-                    + ". Shorten the message, attach fewer images, or lower the reply length."
-                )
+                kept = marked[:preamble_end] + marked[turn_starts[dropped]:]
+                raise self._overflow(kept, len(ids), max_context_tokens, reserve_new_tokens)
             dropped += 1
+            text, ids = encoded(dropped)
+        if dropped and slack:  # the per-turn estimate was near the edge: one more turn may fit exactly
+            more_text, more_ids = encoded(dropped - 1)
+            if len(more_ids) <= budget:
+                dropped, text, ids = dropped - 1, more_text, more_ids
 
         # Images of the kept messages only, in text order (the original items, not the marked copies).
-        kept_original = messages[:preamble_end] + messages[turn_starts[dropped] :]
-        images = [
-            load_image(_image_source(item), max_pixels=self.max_image_pixels, name=item.get("name"))
-            for m in kept_original
-            for item in m["content"]
-            if item.get("type") == "image"
-        ]
+        kept_original = messages[:preamble_end] + messages[turn_starts[dropped]:]
+        items = [item for m in kept_original for item in m["content"] if item.get("type") == "image"]
         n_slots = ids.count(self.tokenizer.image_token_id)
-        if n_slots != len(images) * self.num_image_tokens:  # e.g. a custom template that drops image items
-            raise ValueError(f"{n_slots} image-token ids for {len(images)} image(s) x {self.num_image_tokens}")
-        return Prompt(ids, images, [image_key(im) for im in images], dropped, text)
+        if n_slots != len(items) * self.num_image_tokens:  # e.g. a custom template that drops image items
+            raise ValueError(f"{n_slots} image-token ids for {len(items)} image(s) x {self.num_image_tokens}")
+        images, keys, loaders = [], [], []
+        for item in items:
+            _check(cancel)
+            image, key, load = self._image_and_key(item, have_features)
+            images.append(image)
+            keys.append(key)
+            loaders.append(load)
+        return Prompt(ids, images, keys, dropped, text, loaders)
+
+    def _estimate_dropped(self, marked: list[dict], preamble_end: int, turn_starts: list[int], marker: str | None,
+                          budget: int | None, cancel: Any) -> tuple[int, bool]:
+        """(turns to drop, whether keeping one more might fit) from each turn's own token count, newest first.
+        Tokenizing turns apart can differ from tokenizing the whole prompt by a token at a turn boundary,
+        so `prepare` checks the result on the whole prompt."""
+        if budget is None or len(turn_starts) == 1:
+            return 0, False
+        preamble = marked[:preamble_end]
+        base = len(self._encode(self.render(preamble, True), marker))
+        total = base
+        bounds = [*turn_starts[1:], len(marked)]
+        for t in range(len(turn_starts) - 1, -1, -1):
+            _check(cancel)
+            turn = marked[turn_starts[t]:bounds[t]]
+            total += len(self._encode(self.render(preamble + turn, True), marker)) - base
+            if total > budget:
+                return min(t + 1, len(turn_starts) - 1), total - budget <= ESTIMATE_SLACK
+        return 0, False
+
+    def _overflow(self, kept: list[dict], n_ids: int, max_context_tokens: int, reserve: int) -> ContextOverflowError:
+        n_images = sum(1 for m in kept for item in m["content"] if item.get("type") == "image")
+        return ContextOverflowError(
+            f"The message needs {n_ids} prompt tokens"
+            + (f" + {reserve} reserved for the reply" if reserve else "")
+            + f" but the context allows {max_context_tokens}"
+            + (f" ({n_images} image(s) at {self.num_image_tokens} tokens per image)" if n_images else "")
+            + ". Shorten the message, attach fewer images, or lower the reply length."
+        )
+
+    def _image_and_key(self, item: Mapping[str, Any], have_features: Callable[[str], bool] | None):
+        """(decoded image or None, key, loader). A local file or encoded bytes are keyed by their content (a
+        file hashed once per version); when that key's features are cached the image is not decoded at all.
+        Decoded inputs (PIL images, arrays) and URLs are keyed by their pixels."""
+        source = _image_source(item)
+
+        def load() -> Image.Image:
+            return load_image(source, max_pixels=self.max_image_pixels, name=item.get("name"),
+                              allow_urls=self.allow_urls)
+
+        path = _local_path(source)
+        if path is not None:
+            key = self._file_keys.key(path)
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            key = content_key(bytes(source))
+        else:
+            image = load()
+            return image, image_key(image), load
+        if have_features is not None and have_features(key):
+            return None, key, load
+        return load(), key, load
 
     def pixel_values(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(pixel_values, high_res_pixel_values), or (None, None) without images."""

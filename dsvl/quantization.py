@@ -1,14 +1,22 @@
-"""bitsandbytes quantization of the decoder's linear layers: LLM.int8 (``int8``) and 4-bit NormalFloat (``nf4``).
+"""Quantized decoder weights: fast weight-only int8/int4 (``int8-wo``, ``int4-wo``) and bitsandbytes
+(``bnb-int8`` = LLM.int8, ``bnb-nf4`` = 4-bit NormalFloat; the old names ``int8`` / ``nf4`` still select them).
 
-Only the 7 Linears of each decoder layer (q/k/v/o, gate/up/down: 6.07 G of the 7B model's 7.33 G parameters) are
-quantized. The vision towers, aligner, embeddings and ``lm_head`` stay in the model dtype, as bitsandbytes'
-transformers integration does by default: they are small, and quantizing the head or the vision path costs quality
-for little memory. The loader (``dsvl.loading``) calls ``is_quantizable`` / ``quantize_linear`` as each shard
-finishes, so peak memory stays near the quantized size instead of the 16-bit one.
+Which modules: the Linears of every decoder layer (whatever they are -- q/k/v/o and gate/up/down, or fused
+q|k|v and gate|up: 6.07 G of the 7B model's 7.33 G parameters). The weight-only modes also store ``lm_head`` as
+int8 (0.42 G parameters: 0.42 GB less, and 6% of the bytes each decoded token reads). The vision towers, aligner
+and embeddings stay in the model dtype. The loader (``dsvl.loading``) calls ``is_quantizable`` /
+``quantize_linear`` as each Linear finishes loading, so peak memory stays near the quantized size instead of the
+16-bit one.
 
-Both modes run on CPU with bitsandbytes 0.50 (its CPU backend) and on CUDA. On CPU they save memory, not time:
-bitsandbytes' CPU kernels dequantize per call, so decode is slower than bfloat16 (measured numbers in
-``bench/README.md``).
+What each costs (7B; measured figures in README.md and bench/README.md):
+
+- ``int8-wo``: 1 byte per weight + a scale per row (decoder 6.1 GB). ``dsvl.weightonly.Int8Linear``: PyTorch's
+  fused int8 kernel on CPU, ~2-3x faster decode than bf16 there; on CUDA the fused kernel where PyTorch has one.
+- ``int4-wo`` (``int4-wo-gN``, N = 32/64/128/256, default 128): 0.53 byte per weight (decoder 3.2 GB).
+  ``dsvl.weightonly.Int4Linear``: the fused int4 kernels (CPU; tinygemm on Ampere+ CUDA), ~3-4x faster decode
+  than bf16 on CPU; logits cosine ~0.99 against 16-bit instead of ~0.9999 for int8.
+- ``bnb-int8`` / ``bnb-nf4``: bitsandbytes 0.50 on CPU and CUDA. They save memory, not time: on CPU the kernels
+  dequantize per call (decode 8-30x slower than bf16), on GPU NF4 decodes slower than bf16.
 """
 
 from __future__ import annotations
@@ -25,32 +33,52 @@ from .config import CHAT_MODELS, SIGLIP_ONLY_TYPE, DsvlConfig
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "int8", "nf4", "auto")
+MODES = ("none", "int8-wo", "int4-wo", "bnb-int8", "bnb-nf4", "auto")
+ALIASES = {"int8": "bnb-int8", "nf4": "bnb-nf4"}
+WEIGHT_ONLY = ("int8-wo", "int4-wo")
 NF4_BLOCKSIZE = 64
 # LLM.int8's outlier threshold (transformers' BitsAndBytesConfig default): activation columns above it run in
 # 16-bit. 0 would be faster on GPU but loses the method's accuracy guarantee on real 7B activations.
 INT8_THRESHOLD = 6.0
 
-# Decoder projections (also the fused names, should the loader ever fuse q/k/v or gate/up).
-_DECODER_LINEAR = re.compile(
-    r"(^|\.)language_model\.layers\.\d+\.(self_attn\.(q|k|v|o|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj)$")
-
+# Decoder projections, separate or fused (self_attn.q_proj ... or self_attn.qkv_proj, mlp.gate_up_proj).
+_DECODER_LINEAR = re.compile(r"(^|\.)language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj$")
+_INT4_GROUP = re.compile(r"^int4-wo(?:-g(\d+))?$")
 
 class QuantizationError(ValueError):
     """Unknown mode, or bitsandbytes missing / unusable on this device."""
 
 
-def is_quantizable(module_name: str) -> bool:
-    """True for the decoder Linears (``model.language_model.layers.N.self_attn.q_proj`` etc.), False for everything
-    else (vision towers, aligner, embeddings, ``lm_head``)."""
-    return _DECODER_LINEAR.search(module_name) is not None
+def is_quantizable(module_name: str, mode: str = "bnb-int8") -> bool:
+    """True for the decoder Linears (``model.language_model.layers.N.self_attn.q_proj`` etc.) and, in the
+    weight-only modes, ``lm_head``; False for everything else (vision towers, aligner, embeddings). The caller
+    checks that the module is an ``nn.Linear``."""
+    if _DECODER_LINEAR.search(module_name) is not None:
+        return True
+    return module_name == "lm_head" and base_mode(mode) in WEIGHT_ONLY
 
 
 def check_mode(mode: str) -> str:
-    mode = mode.strip().lower()
-    if mode not in MODES:
-        raise QuantizationError(f"unknown quantization {mode!r}; expected one of {', '.join(MODES)}")
-    return mode
+    """The canonical name of ``mode`` (aliases resolved), or QuantizationError listing the valid ones."""
+    name = str(mode).strip().lower()
+    name = ALIASES.get(name, name)
+    match = _INT4_GROUP.match(name)
+    if match and match.group(1):
+        from .weightonly import GROUP_SIZES
+
+        if int(match.group(1)) not in GROUP_SIZES:
+            raise QuantizationError(f"int4-wo group size must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                                    f"got {match.group(1)}")
+        return name
+    if name not in MODES:
+        raise QuantizationError(f"unknown quantization {mode!r}; expected one of {', '.join(MODES)}, int4-wo-gN "
+                                f"(N = 32/64/128/256) or the old names {', '.join(ALIASES)}")
+    return name
+
+
+def base_mode(mode: str) -> str:
+    """``int4-wo-g64`` -> ``int4-wo``; other modes unchanged."""
+    return "int4-wo" if _INT4_GROUP.match(mode) else mode
 
 
 def _bnb():
@@ -61,20 +89,37 @@ def _bnb():
     return bnb
 
 
-def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
-    """Replace a loaded ``nn.Linear`` by its bitsandbytes counterpart, quantized on the Linear's own device.
+def quantize_linear(linear: nn.Linear, mode: str, name: str = "") -> nn.Module:
+    """Replace a loaded ``nn.Linear`` by its quantized counterpart, on the Linear's own device (the 16-bit weight
+    is dropped as soon as the quantized copy exists).
 
-    ``int8``: ``Linear8bitLt`` (int8 rows + one float32 scale per row; LLM.int8 outlier threshold 6.0).
-    ``nf4``: ``Linear4bit`` (NF4, blocksize 64, double-quantized absmax), compute dtype = the Linear's dtype.
-    The 16-bit weight is dropped as soon as the quantized copy exists.
+    ``int8-wo`` / ``int4-wo[-gN]``: ``dsvl.weightonly`` modules (``lm_head`` always int8-wo: its error would reach
+    every logit directly). ``bnb-int8``: ``Linear8bitLt`` (int8 rows + one float32 scale per row; LLM.int8
+    outlier threshold 6.0). ``bnb-nf4``: ``Linear4bit`` (NF4, blocksize 64, double-quantized absmax), compute
+    dtype = the Linear's dtype.
     """
+    mode = ALIASES.get(mode, mode)
+    if linear.weight.device.type == "meta":
+        raise QuantizationError("quantize_linear needs a loaded Linear, got one on the meta device")
+    if base_mode(mode) in WEIGHT_ONLY:
+        from . import weightonly
+
+        match = _INT4_GROUP.match(mode)
+        if match is None or name == "lm_head":
+            return weightonly.Int8Linear(linear)
+        group = int(match.group(1) or weightonly.DEFAULT_GROUP_SIZE)
+        if weightonly.int4_group_size(linear.in_features, group) is None:  # odd sizes (tests): int8 instead
+            return weightonly.Int8Linear(linear)
+        return weightonly.Int4Linear(linear, group)
+    return _quantize_bnb(linear, mode)
+
+
+def _quantize_bnb(linear: nn.Linear, mode: str) -> nn.Module:
     bnb = _bnb()
     w = linear.weight.data
-    if w.device.type == "meta":
-        raise QuantizationError("quantize_linear needs a loaded Linear, got one on the meta device")
     out_f, in_f = w.shape
     bias = linear.bias
-    if mode == "int8":
+    if mode == "bnb-int8":
         # bnb warns on every float32 call that it casts activations to float16 for the int8 matmul: expected.
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         # Built on meta so that nn.Linear.__init__ does not allocate and randomly initialise a full weight.
@@ -83,7 +128,7 @@ def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
         # Row-wise absmax quantization (what Int8Params does on .cuda()); bnb quantizes from float16.
         cb, scb, _ = bnb.functional.int8_vectorwise_quant(w.to(torch.float16).contiguous())
         q.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
-    elif mode == "nf4":
+    elif mode == "bnb-nf4":
         q = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=w.dtype, compress_statistics=True,
                               quant_type="nf4", device="meta")
         w4, state = bnb.functional.quantize_4bit(w.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=True,
@@ -93,7 +138,7 @@ def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
                                      module=q, bnb_quantized=True)
         q.quant_state = state
     else:
-        raise QuantizationError(f"quantize_linear: mode must be 'int8' or 'nf4', got {mode!r}")
+        raise QuantizationError(f"quantize_linear: mode must be one of {', '.join(MODES[1:-1])}, got {mode!r}")
     if bias is not None:
         q.bias = nn.Parameter(bias.data, requires_grad=False)
     q.requires_grad_(False)
@@ -101,13 +146,16 @@ def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
 
 
 def quantize_model(model: nn.Module, mode: str) -> int:
-    """Quantize every quantizable Linear of an already-loaded model in place; returns how many were replaced.
-    (The loader does this shard by shard; this is for models built in memory, e.g. tests.)"""
-    targets = [name for name, m in model.named_modules() if type(m) is nn.Linear and is_quantizable(name)]
+    """Quantize every quantizable Linear of an already-loaded model in place, on the device it is on; returns how
+    many were replaced. The loader does this Linear by Linear while loading; this is the hook for models built or
+    moved in memory (tests, ``bench/gpu_check.py``: load in bf16, ``.to("cuda")``, then ``quantize_model(m,
+    "int4-wo")``)."""
+    mode = check_mode(mode)
+    targets = [name for name, m in model.named_modules() if type(m) is nn.Linear and is_quantizable(name, mode)]
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, quantize_linear(getattr(parent, child), mode))
+        setattr(parent, child, quantize_linear(getattr(parent, child), mode, name))
     return len(targets)
 
 
@@ -168,9 +216,29 @@ def quantized_layer_bytes(model: nn.Module) -> tuple[int, int]:
 
 # ---- "auto" ----------------------------------------------------------------------------------------------------
 
-# Bytes per decoder-Linear parameter: int8 rows + a float32 scale per row (~1.0); NF4 0.5 + double-quantized
-# absmax (~0.516, performance-notes §1).
-_BYTES_PER_PARAM = {"int8": 1.0, "nf4": 0.52}
+# Bytes per decoder-Linear parameter: int8 rows + a scale per row (~1.0); int4 0.5 + a bf16 scale and zero per 128
+# (0.53); NF4 0.5 + double-quantized absmax (~0.516, performance-notes §1).
+_BYTES_PER_PARAM = {"bnb-int8": 1.0, "bnb-nf4": 0.52, "int8-wo": 1.0, "int4-wo": 0.53}
+
+
+def speed_order(device: torch.device, dtype: torch.dtype) -> tuple[tuple[str, ...], str]:
+    """Modes from fastest to slowest decode on ``device``, and why (what the device has). At batch 1 decode reads
+    every weight once per token, so fewer bytes are faster wherever a kernel reads them packed: on CPU the aten
+    int8/int4 kernels are vectorized for AVX2/AVX512 (bench/linear_kernels.py: int4 ~4x, int8 ~3x a bf16 product on a
+    Sapphire Rapids); on CUDA tinygemm's int4 needs Ampere+ and bf16. bitsandbytes is always last (slower than
+    dense on CPU, and NF4 on GPU)."""
+    fast = ("int4-wo", "int8-wo", "none", "bnb-nf4")
+    if device.type == "cpu":
+        isa = torch.backends.cpu.get_cpu_capability()
+        if isa.startswith(("AVX2", "AVX512")):
+            return fast, f"{isa} CPU: fused int4/int8 kernels"
+        return ("none", "int8-wo", "int4-wo", "bnb-nf4"), f"{isa} CPU: no vectorized int4/int8 kernels measured"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8 and dtype is torch.bfloat16:
+            return fast, f"sm{major}{minor} GPU: tinygemm int4"
+        return ("none", "int8-wo", "bnb-nf4"), f"sm{major}{minor} GPU in {dtype}: no tinygemm int4"
+    return ("none",), f"{device.type}: no quantized kernels"
 
 
 @dataclass
@@ -183,6 +251,7 @@ class AutoChoice:
 
 def estimate_bytes(config: DsvlConfig, dtype: torch.dtype, mode: str, max_context_tokens: int) -> int:
     """Weights in ``mode`` + one session's KV cache + working headroom (activations, image features, allocator)."""
+    mode = ALIASES.get(mode, mode)
     t = config.text
     itemsize = torch.finfo(dtype).bits // 8
     per_layer = (t.hidden_size * t.num_attention_heads * t.head_dim * 2  # q, o
@@ -190,9 +259,11 @@ def estimate_bytes(config: DsvlConfig, dtype: torch.dtype, mode: str, max_contex
                  + 3 * t.hidden_size * t.intermediate_size)
     decoder_linears = per_layer * t.num_hidden_layers
     other = _other_params(config)
-    linear_bytes = decoder_linears * (itemsize if mode == "none" else _BYTES_PER_PARAM[mode])
+    linear_bytes = decoder_linears * (itemsize if mode == "none" else _BYTES_PER_PARAM[base_mode(mode)])
     kv = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * itemsize * max_context_tokens
     weights = linear_bytes + other * itemsize
+    if base_mode(mode) in WEIGHT_ONLY and not config.tie_word_embeddings:  # lm_head stored as int8
+        weights -= t.vocab_size * t.hidden_size * (itemsize - 1)
     # 10% of the weights + 1 GiB covers vision activations (SAM at 1024 px) and allocator slack.
     return int(weights + kv + 0.10 * weights + (1 << 30))
 
@@ -217,40 +288,41 @@ SMALLER_MODEL = CHAT_MODELS[SIGLIP_ONLY_TYPE][1]
 
 
 def _smaller_model_hint(config: DsvlConfig, dtype: torch.dtype, max_context_tokens: int, free: int) -> str:
-    """On a CPU, int8/NF4 save memory but are several times slower than 16-bit (see the module docstring): when
-    the hybrid (7B) model does not fit in 16-bit, point at the 1.3B model if that one does."""
+    """When the hybrid (7B) model does not fit a CPU's memory in 16-bit, point at the 1.3B model if that one does:
+    about the same bytes per token as the 7B in int4, without quantization error, and a SAM-free first turn."""
     small = DsvlConfig.siglip_only_1_3b()
     need = estimate_bytes(small, dtype, "none", max_context_tokens)
     if not config.hybrid or need > free:
         return ""
-    return (f". The smaller DeepSeek-VL 1.3B chat fits here in {str(dtype).removeprefix('torch.')} "
-            f"(~{need / (1 << 30):.1f} GiB) and answers much faster on a CPU: --model {SMALLER_MODEL}")
+    return (f". The smaller DeepSeek-VL 1.3B chat fits here unquantized in {str(dtype).removeprefix('torch.')} "
+            f"(~{need / (1 << 30):.1f} GiB): --model {SMALLER_MODEL}")
 
 
 def choose_auto(config: DsvlConfig, device: torch.device, dtype: torch.dtype = torch.bfloat16,
                 max_context_tokens: int = 4096, free_bytes: int | None = None) -> AutoChoice:
-    """The best precision (none > int8 > nf4) whose weights + KV cache + headroom fit the device's free memory.
-    Where nothing fits, nf4 is chosen anyway (the smallest) and the reason says it will probably not fit."""
+    """The fastest mode on this device (``speed_order``) whose weights + KV cache + headroom fit its free memory.
+    Where nothing fits, the smallest is chosen anyway and the reason says it will probably not fit."""
     from .device import free_memory_bytes
 
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
-    needed = {m: estimate_bytes(config, dtype, m, max_context_tokens) for m in ("none", "int8", "nf4")}
+    order, why_order = speed_order(device, dtype)
+    needed = {m: estimate_bytes(config, dtype, m, max_context_tokens) for m in order}
     gib = 1 << 30
-    for mode in ("none", "int8", "nf4"):
-        if needed[mode] <= free:
-            skipped = [m for m in ("none", "int8") if m != mode and needed[m] > free and
-                       ("none", "int8", "nf4").index(m) < ("none", "int8", "nf4").index(mode)]
-            why = (f"{mode}: needs ~{needed[mode] / gib:.1f} GiB (weights + {max_context_tokens}-token KV cache + "
-                   f"headroom), {free / gib:.1f} GiB free on {device.type}")
-            if skipped:
-                why += "; " + ", ".join(f"{m} would need ~{needed[m] / gib:.1f} GiB" for m in skipped)
-            choice = AutoChoice(mode, why, needed, free)
-            break
+    fits = [m for m in order if needed[m] <= free]
+    if fits:
+        mode = fits[0]
+        why = (f"{mode}: the fastest decode here ({why_order}; order {' > '.join(order)}) that fits: needs "
+               f"~{needed[mode] / gib:.1f} GiB (weights + {max_context_tokens}-token KV cache + headroom), "
+               f"{free / gib:.1f} GiB free on {device.type}")
+        skipped = order[:order.index(mode)]
+        if skipped:
+            why += "; " + ", ".join(f"{m} would need ~{needed[m] / gib:.1f} GiB" for m in skipped)
     else:
-        choice = AutoChoice("nf4", f"nf4: even nf4 needs ~{needed['nf4'] / gib:.1f} GiB but only "
-                                   f"{free / gib:.1f} GiB is free on {device.type}; loading may run out of memory",
-                            needed, free)
-    if device.type == "cpu" and needed["none"] > free:
+        mode = min(needed, key=needed.get)
+        why = (f"{mode}: even {mode} needs ~{needed[mode] / gib:.1f} GiB but only {free / gib:.1f} GiB is free on "
+               f"{device.type}; loading may run out of memory")
+    choice = AutoChoice(mode, why, needed, free)
+    if device.type == "cpu" and needed.get("none", 0) > free:
         choice.reason += _smaller_model_hint(config, dtype, max_context_tokens, free)
     log.info("quantization='auto' chose %s", choice.reason)
     return choice

@@ -89,8 +89,8 @@ def load_engine(settings: Settings):
     print(f"Loaded in {time.perf_counter() - t0:.1f} s: device {engine.device}, dtype {dtype}, "
           f"quantization {engine.quantization}, weights {engine.weight_bytes / 2**30:.2f} GiB"
           + ("  [RANDOM WEIGHTS]" if getattr(engine, "is_random", False) else ""), flush=True)
-    if getattr(engine, "quantization_reason", ""):  # why `auto` chose it (and, on a small CPU, the 1.3B model)
-        print(f"quantization=auto: {engine.quantization_reason}", flush=True)
+    if getattr(engine, "quantization_reason", ""):  # --quantization auto: what it chose and why
+        print(f"Quantization auto: {engine.quantization_reason}", flush=True)
     return engine
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import mimetypes
 import re
 import time
@@ -42,6 +43,29 @@ def clean_text(text: Any) -> str:
         text = text.decode("utf-8", "replace")
     text = str(text).encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
     return _CONTROL.sub("", text.replace("\r\n", "\n"))
+
+
+# An answer's statistics, as the context line shows them: known keys with plausible values only (an imported
+# file or an API history may carry anything; 1e308 tokens or NaN seconds must not reach the page).
+_STAT_LIMITS: dict[str, tuple[type, float]] = {
+    "prompt_tokens": (int, 10**7), "new_tokens": (int, 10**7), "prefilled_tokens": (int, 10**7),
+    "dropped_turns": (int, 10**7), "ttft_s": (float, 10**6), "decode_tokens_per_s": (float, 10**6),
+}
+_STOP_REASONS = {"eos", "stop_string", "max_new_tokens", "cancelled", "error"}
+
+
+def clean_stats(stats: Any) -> dict | None:
+    """The statistics that can be trusted for display, or None."""
+    if not isinstance(stats, dict):
+        return None
+    out: dict[str, Any] = {}
+    for key, (kind, top) in _STAT_LIMITS.items():
+        v = stats.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= top:
+            out[key] = int(v) if kind is int else float(v)
+    if stats.get("stop_reason") in _STOP_REASONS:
+        out["stop_reason"] = stats["stop_reason"]
+    return out or None
 
 
 def user_turn(text: str, images: Iterable[str] = ()) -> dict:
@@ -134,6 +158,7 @@ def normalize_history(history: Any) -> list[dict]:
     if not isinstance(history, list):
         raise ConversationFormatError("history must be a list of messages")
     turns: list[dict] = []
+    texts_of: list[list[str]] = []  # per turn, its texts, joined once at the end (merging stays linear)
     for msg in history:
         if not isinstance(msg, dict):
             role, content, meta = getattr(msg, "role", None), getattr(msg, "content", None), getattr(msg, "metadata", None)
@@ -152,18 +177,19 @@ def normalize_history(history: Any) -> list[dict]:
             raise ConversationFormatError("assistant messages cannot carry files")
         text = "\n".join(t for t in texts if t)
         if turns and turns[-1]["role"] == role:
-            prev = turns[-1]
-            prev["text"] = "\n".join(t for t in (prev["text"], clean_text(text)) if t)
+            texts_of[-1].append(clean_text(text))
             if role == "user":
-                prev["images"].extend(paths)
+                turns[-1]["images"].extend(str(p) for p in paths)
             continue
         if role == "user":
-            turns.append(user_turn(text, paths))
+            turns.append(user_turn("", paths))
         else:
             status = msg.get("status", "done") if isinstance(msg, dict) else "done"
             stats = msg.get("stats") if isinstance(msg, dict) else None
-            turns.append(assistant_turn(str(text), "stopped" if status == "stopped" else "done",
-                                        stats if isinstance(stats, dict) else None))
+            turns.append(assistant_turn("", "stopped" if status == "stopped" else "done", clean_stats(stats)))
+        texts_of.append([clean_text(text) if role == "user" else str(text)])
+    for turn, parts in zip(turns, texts_of):
+        turn["text"] = "\n".join(t for t in parts if t)
     return turns
 
 
@@ -318,6 +344,8 @@ def import_conversation(data: bytes | str, out_dir: Path, *, max_images: int = 6
     the files are images. Raises ConversationFormatError with a message meant for the user."""
     try:
         doc = json.loads(data)
+    except RecursionError:
+        raise ConversationFormatError("the file is nested too deeply to be a conversation") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ConversationFormatError(f"not a JSON file ({exc.__class__.__name__})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("messages"), list):
@@ -356,8 +384,8 @@ def import_conversation(data: bytes | str, out_dir: Path, *, max_images: int = 6
             if msg["role"] == "user":
                 turns.append(user_turn(text, images))
             else:
-                stats = msg.get("stats") if isinstance(msg.get("stats"), dict) else None
-                turns.append(assistant_turn(text, "stopped" if msg.get("status") == "stopped" else "done", stats))
+                turns.append(assistant_turn(text, "stopped" if msg.get("status") == "stopped" else "done",
+                                            clean_stats(msg.get("stats"))))
     except BaseException:
         for p in written:
             p.unlink(missing_ok=True)

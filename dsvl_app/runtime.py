@@ -16,9 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
-from . import history
+import anyio
+
+from . import history, limits
 from .settings import GenerationDefaults, Settings
 from .uploads import SessionFiles
 
@@ -63,24 +65,13 @@ class Reply:
 
 def generation_params(temperature: Any, top_p: Any, top_k: Any, max_new_tokens: Any, repetition_penalty: Any,
                       seed: Any, *, max_context_tokens: int, defaults: GenerationDefaults | None = None) -> dict:
-    """Slider values (which arrive as floats, or None through the API) -> engine.stream keyword arguments."""
-    d = defaults or GenerationDefaults()
-
-    def num(v, default, cast=float):
-        try:
-            return cast(v) if v is not None and v != "" else default
-        except (TypeError, ValueError, OverflowError):
-            raise UserError(f"Setting value {v!r} is not a number.", "Bad setting") from None
-
-    seed_v = num(seed, d.seed, lambda v: int(float(v)))
-    return {
-        "temperature": max(0.0, num(temperature, d.temperature)),
-        "top_p": min(1.0, max(0.0, num(top_p, d.top_p))) or 1.0,
-        "top_k": max(0, num(top_k, d.top_k, lambda v: int(float(v)))),
-        "max_new_tokens": min(max_context_tokens, max(1, num(max_new_tokens, d.max_new_tokens, lambda v: int(float(v))))),
-        "repetition_penalty": max(0.1, num(repetition_penalty, d.repetition_penalty)),
-        "seed": None if seed_v < 0 else seed_v,
-    }
+    """Slider values (which arrive as floats, or None through the API) -> engine.stream keyword arguments;
+    UserError for a value outside the sliders' ranges (limits.generation_settings)."""
+    try:
+        return limits.generation_settings(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+                                          max_context_tokens=max_context_tokens, defaults=defaults)
+    except limits.LimitError as exc:
+        raise UserError(str(exc), "Bad setting") from None
 
 
 def _stats_dict(stats: Any) -> dict:
@@ -122,6 +113,7 @@ class Runtime:
 
         self._image_error = dsvl.ImageError
         self._overflow_error = dsvl.ContextOverflowError
+        self._cancelled = dsvl.Cancelled
 
     # ---- sessions -----------------------------------------------------------------------------------
     def epoch(self, session: str) -> int:
@@ -172,7 +164,30 @@ class Runtime:
             return sum(len(s) for s in self._active.values())
 
     # ---- one reply ----------------------------------------------------------------------------------
-    def reply(self, session: str, conv: list[dict], params: dict, system_prompt: str | None = None) -> Iterator[Reply]:
+    async def reply_async(self, session: str, conv: list[dict], params: dict,
+                          system_prompt: str | None = None) -> AsyncIterator[Reply]:
+        """`reply` for Gradio's async handlers. Gradio cancels a job (Stop, `job.cancel()`, a closed tab) by
+        cancelling its task, which reaches this generator at once, even while the first step (reading the
+        conversation and its images) still runs in a worker thread: the cancel event is set here, and that
+        work stops at the next turn or image instead of running on outside the queue's limits."""
+        cancel = threading.Event()
+        steps = self.reply(session, conv, params, system_prompt, cancel=cancel)
+        running = False
+        try:
+            while True:
+                running = True
+                reply = await anyio.to_thread.run_sync(next, steps, None)
+                running = False
+                if reply is None:
+                    return
+                yield reply
+        finally:
+            cancel.set()
+            if not running:  # a step still running ends by itself once it sees the event
+                steps.close()
+
+    def reply(self, session: str, conv: list[dict], params: dict, system_prompt: str | None = None,
+              cancel: threading.Event | None = None) -> Iterator[Reply]:
         """Stream the answer to the last user turn of `conv`. The first Reply comes once the engine has
         accepted the request (prompt built, images decoded); later ones as text arrives (throttled); the
         last one has status done/stopped and the stats. Raises UserError for what the user can fix.
@@ -182,12 +197,17 @@ class Runtime:
         Closing this generator (Stop, client cancel, tab closed) sets the cancel event; the engine stops
         within one token and the thread then closes the stream, which frees the engine. `system_prompt`
         (None: the checkpoint's own) goes to the engine as a leading system message."""
+        try:  # every path to the model passes here: the page, /chat, any handler called directly
+            limits.check_conversation(conv, max_images=self.settings.max_images,
+                                      max_images_per_chat=self.settings.max_images_per_chat)
+        except limits.LimitError as exc:
+            raise UserError(str(exc), "Too many images") from None
         messages = history.engine_messages(conv)
         if not messages or messages[-1]["role"] != "user":
             raise UserError("There is no question to answer.", "Nothing to send")
         if system_prompt is not None:
             messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}, *messages]
-        cancel = threading.Event()
+        cancel = cancel or threading.Event()
         with self._lock:
             self._active.setdefault(session, set()).add(cancel)
             self.last_stats.pop(session, None)  # what is there from now on belongs to this reply
@@ -201,6 +221,8 @@ class Runtime:
             kind, *payload = box.get()
             if kind == "error":
                 exc = payload[0]
+                if isinstance(exc, self._cancelled):
+                    return  # stopped while the conversation was being read: nothing was generated
                 if isinstance(exc, self._image_error):
                     raise UserError(str(exc), "Image refused")
                 if isinstance(exc, self._overflow_error):

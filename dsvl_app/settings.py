@@ -9,6 +9,22 @@ import re
 from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "deepseek-community/deepseek-vl-7b-chat"
+# dsvl.quantization's modes (not imported here: --help must not load torch). int8 / nf4: the old names of bnb-*.
+QUANTIZATION_CHOICES = ["auto", "none", "int8-wo", "int4-wo", "int4-wo-g32", "int4-wo-g64", "int4-wo-g256",
+                        "bnb-int8", "bnb-nf4", "int8", "nf4"]
+# What each mode costs (7B weights; decode speed against 16-bit): the --help text and the banner's tooltip.
+QUANTIZATION_COSTS = {
+    "none": "16-bit weights, 14.7 GB",
+    "int8-wo": "int8 weight-only, 8.2 GB; faster decode than 16-bit on CPU (fused kernel; on CUDA where PyTorch "
+               "has one); logits ~0.9999 of 16-bit",
+    "int4-wo": "4-bit weight-only in groups of 128 (-g32/-g64/-g256 to change), 5.3 GB; the fastest decode on CPU "
+               "(fused kernel) and Ampere+ GPUs (tinygemm); logits ~0.99-0.995 of 16-bit",
+    "bnb-int8": "bitsandbytes LLM.int8 (old name int8), 8.6 GB; 20-30x slower than 16-bit on CPU, slower on GPU",
+    "bnb-nf4": "bitsandbytes NF4 (old name nf4), 5.7 GB; 8-12x slower than 16-bit on CPU, slower than bf16 on GPU",
+}
+QUANTIZATION_HELP = ("; ".join(f"{mode} = {cost}" for mode, cost in QUANTIZATION_COSTS.items()) +
+                     "; auto = the fastest of these on this device that fits its free memory with a full-context "
+                     "KV cache, and it says why. [DSVL_QUANTIZATION] (default: %(default)s)")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -36,6 +52,7 @@ class Settings:
     share: bool = False
     auth: str | None = None  # "USER:PASS"
     max_images: int = 4  # per message
+    max_images_per_chat: int = 32  # per conversation, every reference counted (bounds memory and Export)
     max_context_tokens: int = 4096
     concurrency: int = 1  # generations running at once
     max_queue: int = 32  # requests waiting; more are refused with "queue is full"
@@ -95,8 +112,8 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
                    help="hub id (deepseek-community/deepseek-vl-7b-chat or deepseek-community/deepseek-vl-1.3b-chat), "
                         "local checkpoint directory, or random:tiny|mid|7b|1.3b-tiny|1.3b (random weights, to try "
                         "the UI) [DSVL_MODEL] (default: %(default)s)")
-    p.add_argument("--quantization", choices=["auto", "none", "int8", "nf4"],
-                   default=e("DSVL_QUANTIZATION", d.quantization), help="[DSVL_QUANTIZATION] (default: %(default)s)")
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, metavar="MODE",
+                   default=e("DSVL_QUANTIZATION", d.quantization), help=QUANTIZATION_HELP)
     p.add_argument("--device", default=e("DSVL_DEVICE", d.device),
                    help="auto, cpu, cuda, cuda:1, mps … [DSVL_DEVICE] (default: %(default)s)")
     p.add_argument("--dtype", default=e("DSVL_DTYPE", d.dtype),
@@ -112,6 +129,10 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
                    help="require this login [DSVL_AUTH; prefer the variable: flags show up in `ps`]")
     p.add_argument("--max-images", type=int, default=int(e("DSVL_MAX_IMAGES", d.max_images)),
                    help="images allowed in one message [DSVL_MAX_IMAGES] (default: %(default)s; 576 tokens each)")
+    p.add_argument("--max-images-per-chat", type=int,
+                   default=int(e("DSVL_MAX_IMAGES_PER_CHAT", d.max_images_per_chat)),
+                   help="images allowed in one conversation, history and imports included "
+                        "[DSVL_MAX_IMAGES_PER_CHAT] (default: %(default)s)")
     p.add_argument("--max-context-tokens", type=int,
                    default=int(e("DSVL_MAX_CONTEXT_TOKENS", d.max_context_tokens)),
                    help="prompt + answer budget; older turns are dropped beyond it "
@@ -143,12 +164,13 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         parser.error(str(exc))
     if a.backend == "openai" and not a.api_base:
         parser.error("--backend openai needs --api-base URL (the server's /v1 address)")
-    for name in ("max_images", "max_context_tokens", "concurrency", "max_queue", "port"):
+    for name in ("max_images", "max_images_per_chat", "max_context_tokens", "concurrency", "max_queue", "port"):
         if getattr(a, name) < (0 if name == "port" else 1):
             parser.error(f"--{name.replace('_', '-')} must be positive")
     return Settings(
         model=a.model, quantization=a.quantization, device=a.device, dtype=a.dtype, host=a.host,
         port=a.port, share=bool(a.share), auth=a.auth or None, max_images=a.max_images,
+        max_images_per_chat=a.max_images_per_chat,
         max_context_tokens=a.max_context_tokens, concurrency=a.concurrency, max_queue=a.max_queue,
         max_file_size=max_file_size, backend=a.backend, api_base=a.api_base, api_model=a.api_model,
     )

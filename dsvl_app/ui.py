@@ -18,17 +18,18 @@ import logging
 import shutil
 import socket
 import uuid
-from contextlib import closing
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.utils import NamedString
 
-from . import history
+from . import history, limits
 from . import system_prompt as sysprompt
 from .runtime import Runtime, UserError, failure_message, generation_params
-from .settings import Settings
-from .uploads import UploadError, check_files, check_image, human_size, is_within
+from .settings import QUANTIZATION_COSTS, Settings
+from .uploads import UploadError, check_files, check_image, human_size
 
 log = logging.getLogger("dsvl_app")
 
@@ -130,6 +131,8 @@ def banner_html(engine, settings: Settings) -> str:
         chips = [("model", engine.model), ("backend", engine.backend), chips[-1]]
     parts = [f'<div id="dsvl-banner"><span class="name">{html.escape(model_name(engine))}</span>']
     tips = {"model": settings.model}
+    if quant not in ("none", ""):  # what the quantized mode costs, on hover
+        tips["precision"] = QUANTIZATION_COSTS.get(quant.split("-g")[0], "precision")
     parts += [f'<span class="chip" title="{html.escape(tips.get(k, k))}">{html.escape(k)}: {html.escape(v)}</span>'
               for k, v in chips]
     parts.append("</div>")
@@ -210,7 +213,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
         textbox = gr.MultimodalTextbox(
             elem_id="dsvl-input", show_label=False, file_types=["image"], file_count="multiple",
             sources=["upload"], placeholder="Message DeepSeek-VL… (Enter to send, Shift+Enter for a new line)",
-            submit_btn=True, stop_btn=False, autofocus=True, max_lines=12, max_plain_text_length=200_000,
+            submit_btn=True, stop_btn=False, autofocus=True, max_lines=12, max_plain_text_length=limits.MAX_MESSAGE_CHARS,
         )
         with gr.Row(elem_id="dsvl-tools"):
             retry_btn = gr.Button("Retry", size="sm", elem_id="dsvl-retry")
@@ -272,12 +275,26 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             """Check a {"text", "files"} message; returns the user turn. Raises gr.Error."""
             if isinstance(message, str):
                 message = {"text": message, "files": []}
-            message = message or {}
+            if not isinstance(message, dict):
+                message = {}
             text = history.clean_text(message.get("text"))
+            raw_files = message.get("files") or []
             files = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", ""))
-                     for f in (message.get("files") or [])]
+                     for f in (raw_files if isinstance(raw_files, list) else [raw_files])]
             if not text.strip() and not files:
                 raise gr.Error("Type a question or attach an image first.", title="Nothing to send")
+            try:
+                limits.check_text(text)
+            except limits.LimitError as exc:
+                raise gr.Error(str(exc), title="Message too long") from None
+            if len(files) > settings.max_images:  # before looking at any of them
+                raise gr.Error(f"{len(files)} images attached; at most {settings.max_images} per message. "
+                               "Remove some and send again.", title="Image refused")
+            # Files only by identity: this server's uploads (and the examples' copies, which live among them).
+            # Nothing else about any other path is looked at, so a refusal tells nothing about the server.
+            if not all(limits.is_upload(f, rt.upload_root) for f in files):
+                raise gr.Error("An attached file is not an upload to this server; please attach it again.",
+                               title="Image refused")
             try:
                 check_files(files, max_images=settings.max_images, max_bytes=settings.max_file_size)
             except UploadError as exc:
@@ -286,15 +303,30 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             return history.user_turn(text, files)
 
         # -- stage steps (queued, but without a concurrency limit: instant) ---------------------------
+        def within_chat_limits(conv_):
+            try:
+                limits.check_conversation(conv_, max_images=settings.max_images,
+                                          max_images_per_chat=settings.max_images_per_chat)
+            except limits.LimitError as exc:
+                raise gr.Error(str(exc), title="Too many images") from None
+            return conv_
+
         def stage_message(message, conv_, request: gr.Request):
             turn = user_message(message, request)
-            return staged([*conv_, turn], {"text": turn["text"], "files": turn["images"]})
+            return staged(within_chat_limits([*conv_, turn]), {"text": turn["text"], "files": turn["images"]})
 
         def stage_example(conv_, evt: gr.SelectData, request: gr.Request):
-            value = dict(evt.value or {})
-            value["files"] = [f["path"] if isinstance(f, dict) else f for f in value.get("files", [])]
+            # The card is looked up by its index among this server's examples: the event's value comes from
+            # the client and may name any file.
+            index = evt.index[0] if isinstance(evt.index, (list, tuple)) and evt.index else evt.index
+            cards = chatbot.examples or []
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(cards):
+                raise gr.Error("There is no such example.", title="Nothing to send")
+            card = cards[index]
+            value = {"text": card.get("text", ""),
+                     "files": [f["path"] for f in card.get("files") or [] if isinstance(f, dict) and f.get("path")]}
             turn = user_message(value, request)
-            return staged([*conv_, turn], {"text": turn["text"], "files": turn["images"]})
+            return staged(within_chat_limits([*conv_, turn]), {"text": turn["text"], "files": turn["images"]})
 
         def stage_retry(conv_):
             i = history.last_user_index(conv_)
@@ -308,20 +340,24 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             if conv_[i]["role"] != "user":
                 raise gr.Error("Only your own messages can be edited.", title="Not editable")
             turn = history.user_turn(str(evt.value or ""), conv_[i]["images"])
+            try:
+                limits.check_text(turn["text"], "The edited message")
+            except limits.LimitError as exc:
+                raise gr.Error(str(exc), title="Message too long") from None
             if not turn["text"].strip() and not turn["images"]:
                 raise gr.Error("The edited message is empty.", title="Nothing to send")
             return staged([*conv_[:i], turn], None)
 
         # -- the queued, streaming step ---------------------------------------------------------------
-        def answer(conv_, t, p, k, n, r, s, sp, request: gr.Request):
+        async def answer(conv_, t, p, k, n, r, s, sp, request: gr.Request):
             session = request.session_hash
             epoch = rt.epoch(session)
             started = False
             try:
                 params = generation_params(t, p, k, n, r, s, max_context_tokens=max_ctx, defaults=gdef)
                 system = sysprompt.clean(sp, default_system)
-                with closing(rt.reply(session, conv_, params, system)) as replies:
-                    for reply in replies:
+                async with aclosing(rt.reply_async(session, conv_, params, system)) as replies:
+                    async for reply in replies:
                         if rt.epoch(session) != epoch:
                             return  # "New chat" was pressed meanwhile: this reply belongs to nobody
                         started = True
@@ -409,6 +445,10 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             if not conv_:
                 gr.Info("Nothing to export yet.")
                 return ""
+            size = limits.export_bytes(conv_)
+            if size > limits.MAX_EXPORT_BYTES:
+                raise gr.Error(f"This chat's images add up to {human_size(size)}; Export takes at most "
+                               f"{human_size(limits.MAX_EXPORT_BYTES)}.", title="Export failed")
             try:
                 doc = history.export_conversation(conv_, settings.model)
                 doc["system_prompt"] = sysprompt.clean(sp, default_system)
@@ -426,31 +466,49 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             session = request.session_hash
             if not path:
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            if not limits.is_upload(path, rt.upload_root):
+                raise gr.Error("The file to import is not an upload to this server.", title="Import failed")
             try:
                 raw = Path(path).read_bytes()
+            except OSError:
+                raise gr.Error("The file to import is no longer on the server; please choose it again.",
+                               title="Import failed") from None
             finally:
-                if is_within(path, [rt.upload_root]):
-                    Path(path).unlink(missing_ok=True)  # the JSON itself is not kept
+                _delete_upload(Path(path), rt.upload_root)  # the JSON itself is not kept
             out_dir = rt.import_root / uuid.uuid4().hex
             try:
-                turns, written = history.import_conversation(raw, out_dir, max_image_bytes=settings.max_file_size)
+                turns, written = history.import_conversation(raw, out_dir, max_images=settings.max_images_per_chat,
+                                                             max_image_bytes=settings.max_file_size)
                 for p in written:
                     check_image(p, settings.max_file_size)
+                limits.check_conversation(turns, max_images=settings.max_images,
+                                          max_images_per_chat=settings.max_images_per_chat)
                 system = sysprompt.from_export(raw)
-            except (history.ConversationFormatError, UploadError, UserError) as exc:
+            except (history.ConversationFormatError, UploadError, limits.LimitError, UserError) as exc:
                 shutil.rmtree(out_dir, ignore_errors=True)
                 raise gr.Error(f"Could not import this file: {exc}", title="Import failed") from None
-            rt.files.track_dir(session, out_dir)
+            except Exception as exc:  # a file this reader did not foresee: one log line, a plain message
+                shutil.rmtree(out_dir, ignore_errors=True)
+                log.warning("import refused: %s", type(exc).__name__)
+                raise gr.Error("Could not import this file: it is not a conversation exported by this app.",
+                               title="Import failed") from None
+            if written:
+                rt.files.track_dir(session, out_dir)
+            else:
+                shutil.rmtree(out_dir, ignore_errors=True)
             rt.new_conversation(session)
             gr.Info(f"Imported {len(turns)} messages and {len(written)} images.")
             return history.chatbot_messages(turns), turns, ctx(turns), gr.skip() if system is None else system
 
+        # Gradio 6.31's UploadButton(type="filepath") opens an empty temp file in the upload folder for every
+        # file it hands over and never deletes it; the uploaded file's own path is all do_import needs.
+        import_btn._process_single_file = lambda f: NamedString(f.path)
         import_btn.upload(do_import, [import_btn], [chatbot, conv, context_md, system_prompt],
                           api_visibility="private")
 
         # -- API: /chat and /clear --------------------------------------------------------------------
-        def chat(message, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, history,
-                 system_prompt, conv_, request: gr.Request):
+        async def chat(message, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, history,
+                       system_prompt, conv_, request: gr.Request):
             """Send one message ({"text": str, "files": [image, ...]}) and stream the answer.
 
             The conversation is kept per client session (a gradio_client Client), so successive calls
@@ -460,9 +518,12 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             model's own; "" means none."""
             session = request.session_hash
             epoch = rt.epoch(session)
+            if not session:
+                raise gr.Error("Call /chat through the queue (gradio_client does), not as a bare REST request.",
+                               title="No session")
             base = conv_ if history in (None, "", []) else _api_history(history, rt)
             turn = user_message(message, request)
-            new = [*base, turn]
+            new = within_chat_limits([*base, turn])
             params = generation_params(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
                                        max_context_tokens=max_ctx, defaults=gdef)
             try:
@@ -471,8 +532,8 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                 raise gr.Error(exc.message, title=exc.title) from None
             started = False
             try:
-                with closing(rt.reply(session, new, params, system)) as replies:
-                    for reply in replies:
+                async with aclosing(rt.reply_async(session, new, params, system)) as replies:
+                    async for reply in replies:
                         if rt.epoch(session) != epoch:
                             return  # /clear meanwhile
                         started = True
@@ -502,19 +563,33 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
 
         demo.unload(on_unload)
 
-    demo.queue(max_size=settings.max_queue, default_concurrency_limit=4)
+    # api_open=False: the REST routes (/gradio_api/run/...) refuse every queued handler, so each path to the
+    # model waits in the one queue, under --concurrency and --max-queue.
+    demo.queue(max_size=settings.max_queue, default_concurrency_limit=4, api_open=False)
     demo.dsvl_runtime = rt
     return demo
 
 
+def _delete_upload(path: Path, root: Path) -> None:
+    """Delete an upload and the folder Gradio made for it, once empty."""
+    path.unlink(missing_ok=True)
+    try:
+        if path.parent.resolve() != root.resolve():
+            path.parent.rmdir()
+    except OSError:
+        pass  # not empty: another upload shares it
+
+
 def _api_history(value: Any, rt: Runtime) -> list[dict]:
     try:
+        limits.check_history_size(value)
         turns = history.normalize_history(value)
-    except history.ConversationFormatError as exc:
+        limits.check_history_text(turns)
+    except (history.ConversationFormatError, limits.LimitError) as exc:
         raise gr.Error(f"history: {exc}", title="Bad history") from None
     for t in turns:
         for p in t.get("images", ()):
-            if not is_within(p, [rt.upload_root]):
+            if not limits.is_upload(p, rt.upload_root):
                 raise gr.Error("history may only refer to files uploaded to this server.", title="Bad history")
     return turns
 

@@ -248,6 +248,34 @@ def test_generation_params_from_sliders_and_api():
             generation_params(0.1, 0.9, 0, bad, 1.1, 0, max_context_tokens=4096)
 
 
+@pytest.mark.parametrize("name, value, says", [
+    ("temperature", float("nan"), "temperature must be a number"),
+    ("top_p", float("nan"), "top p must be a number"),
+    ("repetition_penalty", float("nan"), "repetition penalty must be a number"),
+    ("repetition_penalty", 0.1, "between 1 and 2"),
+    ("temperature", float("-inf"), "must be a number"),
+    ("temperature", 2.5, "between 0 and 2"),
+    ("top_k", 10**6, "between 0 and 200"),
+    ("top_k", 3.5, "whole number"),
+    ("seed", 2**64, "between -1 and"),
+    ("seed", -5, "between -1 and"),
+    ("seed", True, "must be a number"),
+    ("seed", [1], "must be a number"),
+])
+def test_generation_params_refuse_what_no_slider_can_send(name, value, says):
+    args = {"temperature": 0.1, "top_p": 0.9, "top_k": 0, "max_new_tokens": 8, "repetition_penalty": 1.1, "seed": 0}
+    args[name] = value
+    with pytest.raises(UserError, match=says) as e:
+        generation_params(*args.values(), max_context_tokens=4096)
+    assert e.value.title == "Bad setting"
+
+
+def test_tiny_temperatures_are_greedy_and_big_seeds_exact():
+    assert generation_params(1e-45, 0.9, 0, 8, 1.1, 2**63 - 1, max_context_tokens=4096) == {
+        "temperature": 0.0, "top_p": 0.9, "top_k": 0, "max_new_tokens": 8, "repetition_penalty": 1.1,
+        "seed": 2**63 - 1}
+
+
 def test_context_line_shows_stats_budget_and_a_dropped_turns_notice():
     conv = [history.user_turn("q", ["/a.png", "/b.png"]),
             history.assistant_turn("a", "done", {"prompt_tokens": 1200, "new_tokens": 34, "ttft_s": 0.5,

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dsvl.safe_fetch as safe_fetch
 from dsvl.images import ImageError, ImageProcessor, load_image, preprocessor_config
 from dsvl.processor import write_processor_files
 
@@ -279,21 +280,49 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_http_url():
-    img = _random_rgb(6, 5, seed=2)
-    _Handler.payload = _png(img)
-    server = http.server.HTTPServer(("127.0.0.1", 0), _Handler)
+@pytest.fixture()
+def local_http():
+    hits = []
+
+    class Handler(_Handler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            super().do_GET()
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        assert np.array_equal(np.asarray(load_image(base + "/cat.png")), np.asarray(img))
-        with pytest.raises(ImageError, match="404") as e:
-            load_image(base + "/missing.png")
-        assert "missing.png" in str(e.value)
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_http_url(local_http, monkeypatch):
+    base, hits = local_http
+    img = _random_rgb(6, 5, seed=2)
+    _Handler.payload = _png(img)
+    monkeypatch.setattr(safe_fetch, "is_public", lambda address: True)  # this test's server is on loopback
+    assert np.array_equal(np.asarray(load_image(base + "/cat.png", allow_urls=True)), np.asarray(img))
+    with pytest.raises(ImageError, match="404") as e:
+        load_image(base + "/missing.png", allow_urls=True)
+    assert "missing.png" in str(e.value)
+
+
+def test_urls_are_off_by_default_and_never_reach_private_addresses(local_http):
+    base, hits = local_http
+    _Handler.payload = _png(_random_rgb(6, 5, seed=2))
+    with pytest.raises(ImageError, match="URLs is off"):
+        load_image(base + "/cat.png")
+    port = base.rsplit(":", 1)[1]
+    for url in (base + "/cat.png", f"http://localhost:{port}/cat.png", f"http://[::1]:{port}/cat.png",
+                "http://169.254.169.254/latest/meta-data", "http://10.0.0.1/x.png", "http://192.168.1.1/x.png",
+                f"http://0.0.0.0:{port}/cat.png"):
+        with pytest.raises(ImageError, match="not a public internet address|cannot be resolved"):
+            load_image(url, allow_urls=True)
+    assert hits == []  # nothing reached the local server
+    assert not safe_fetch.is_public("100.64.0.1") and safe_fetch.is_public("93.184.216.34")  # carrier-grade NAT
 
 
 # ---------------------------------------------------------------------------------------------------

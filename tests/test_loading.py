@@ -264,10 +264,10 @@ def test_quantization_hook_runs_per_shard(tmp_path, monkeypatch):
         def forward(self, x):
             return self.linear(x)
 
-    def is_quantizable(name: str) -> bool:
+    def is_quantizable(name: str, mode: str) -> bool:
         return name.startswith("model.language_model.layers.")
 
-    def quantize_linear(linear, mode):
+    def quantize_linear(linear, mode, name):
         assert not linear.weight.is_meta and mode == "int8"
         calls.append((mode, holder["model"].lm_head.weight.is_meta if "model" in holder else None))
         return Quantized(linear, mode)

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+import dsvl.processor as proc_mod
 from dsvl.images import ImageError
-from dsvl.processor import ContextOverflowError, Processor, Prompt, image_key, write_processor_files
+from dsvl.processor import ContextOverflowError, Processor, Prompt, content_key, image_key, write_processor_files
 from dsvl.text import EOS_TOKEN, IMAGE_TOKEN
 
 
@@ -100,8 +101,8 @@ def test_image_sources_and_keys(proc: Processor, tmp_path: Path):
     NOISE.save(path)
     conv = [_user({"type": "image", "path": str(path)}, {"type": "image", "url": path.read_bytes()},
                   _image(path.read_bytes()), "same?")]
-    p = proc.prepare(conv)
-    assert len(set(p.image_keys)) == 1 and p.image_keys[0] == image_key(NOISE.convert("RGB"))
+    p = proc.prepare(conv)  # encoded images (a file, bytes) are keyed by their bytes: one key for the three
+    assert len(set(p.image_keys)) == 1 and p.image_keys[0] == content_key(path.read_bytes())
     rgba = NOISE.convert("RGBA")
     assert proc.prepare([_user(_image(rgba), "x")]).image_keys == [image_key(NOISE)]  # keys hash decoded pixels
 
@@ -223,3 +224,77 @@ def test_errors_on_empty_input(proc: Processor):
         proc.prepare([])
     with pytest.raises(ValueError):
         proc([])
+
+
+def test_context_fit_keeps_the_most_turns_that_fit(proc: Processor):
+    """Fitting by per-turn counts drops exactly as many turns as dropping one at a time did."""
+    rng = np.random.default_rng(0)
+    conv = []
+    for i in range(30):
+        conv += [_user(f"q{i} " + "word " * int(rng.integers(1, 40))), _assistant(f"a{i} " + "answer " * int(rng.integers(1, 40)))]
+    conv.append(_user("last question"))
+    starts = [i for i, m in enumerate(conv) if m["role"] == "user"]
+    lengths = [len(proc.prepare(conv[s:], max_context_tokens=None).token_ids) for s in starts]
+    for budget in (lengths[-1], lengths[-1] + 5, 100, 257, 400, 801, lengths[0] - 1, lengths[0]):
+        expected = next(k for k, n in enumerate(lengths) if n <= budget)
+        p = proc.prepare(conv, max_context_tokens=budget)
+        assert p.dropped_turns == expected and len(p.token_ids) == lengths[expected], budget
+
+
+def test_long_history_tokenizes_about_what_is_kept(proc: Processor, monkeypatch):
+    conv = []
+    for i in range(400):
+        conv += [_user(f"question {i} " + "about the sea " * 30), _assistant(f"answer {i} " + "waves " * 30)]
+    conv.append(_user("and now?"))
+    encoded = []
+    real = proc.tokenizer.encode
+    monkeypatch.setattr(proc.tokenizer, "encode", lambda t, add_bos=True: encoded.append(len(t)) or real(t, add_bos))
+    p = proc.prepare(conv, max_context_tokens=4096)
+    assert p.dropped_turns > 350
+    assert sum(encoded) < 4 * len(p.text), (sum(encoded), len(p.text))  # was: every turn, once per dropped turn
+
+
+def test_cancel_abandons_preparation_between_turns_and_images(proc: Processor, tmp_path: Path, monkeypatch):
+    import threading
+
+    from dsvl.processor import Cancelled
+
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        proc.prepare([_user("hi"), _assistant("yo"), _user("again")], max_context_tokens=4096, cancel=cancel)
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.png")
+        _img(20, 20, 10 + i).save(files[-1])
+    cancel = threading.Event()
+    decoded = []
+    real = proc_mod.load_image
+    monkeypatch.setattr(proc_mod, "load_image", lambda *a, **k: (decoded.append(a), cancel.set(), real(*a, **k))[2])
+    with pytest.raises(Cancelled):
+        proc.prepare([_user(*[{"type": "image", "path": str(f)} for f in files], "x")], cancel=cancel)
+    assert len(decoded) == 1  # stopped at the next image
+
+
+def test_an_image_already_seen_is_neither_decoded_nor_hashed_again(tiny_checkpoint, tmp_path: Path, monkeypatch):
+    """Three turns about one uploaded picture, a second picture in the third: two decodes, two hashes."""
+    import dsvl
+
+    engine = dsvl.load(str(tiny_checkpoint), device="cpu", quantization="none")
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    _img(50, 40, 21).save(a)
+    _img(40, 50, 22).save(b)
+    decoded = []
+    real = proc_mod.load_image
+    monkeypatch.setattr(proc_mod, "load_image", lambda src, **k: decoded.append(Path(src).name) or real(src, **k))
+    conv = [_user({"type": "image", "path": str(a)}, "What is this?")]
+    for turn, new_images in enumerate([[], [{"type": "image", "path": str(b)}]]):
+        with engine.stream(conv, session_id="s", max_new_tokens=3, temperature=0) as s:
+            reply = "".join(s)
+        conv += [_assistant(reply or "ok"), _user(*new_images, f"And now ({turn})?")]
+    with engine.stream(conv, session_id="s", max_new_tokens=3, temperature=0) as s:
+        "".join(s)
+        stats = s.stats
+    assert decoded == ["a.png", "b.png"], decoded
+    assert engine.processor._file_keys.hashed == 2
+    assert stats.images_encoded == 1 and stats.prompt_tokens > 2 * 576
