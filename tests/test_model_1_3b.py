@@ -195,8 +195,7 @@ def test_auto_on_a_small_cpu_suggests_the_1_3b_model():
     assert c.mode != "none" and SMALLER_MODEL in c.reason and "--model" in c.reason
     assert SMALLER_MODEL not in choose_auto(seven, cpu, bf16, free_bytes=80 * gib).reason  # 7B fits: no hint
     assert SMALLER_MODEL not in choose_auto(seven, cpu, bf16, free_bytes=small // 2).reason  # neither fits
-    assert SMALLER_MODEL not in choose_auto(seven, torch.device("cuda"), bf16, free_bytes=small + gib).reason
-    assert choose_auto(DsvlConfig.siglip_only_1_3b(), cpu, bf16, free_bytes=small + gib).mode == "none"
+    assert SMALLER_MODEL not in choose_auto(DsvlConfig.siglip_only_1_3b(), cpu, bf16, free_bytes=small // 2).reason
 
 
 def test_app_names_the_loaded_model(ckpt, tiny_checkpoint):
