@@ -108,7 +108,7 @@ def run_dsvl(a: argparse.Namespace) -> dict:
         "followup_decode_tok_s": decode_rate(st2.token_times), "prompt_tokens": st1.prompt_tokens,
         "followup_prompt_tokens": st2.prompt_tokens, "followup_prefilled_tokens": st2.prefilled_tokens,
         "followup_images_encoded": st2.images_encoded, "weight_bytes": engine.weight_bytes,
-        "lm_head_rows": engine._head.out_features if engine._head is not None else engine.config.text.vocab_size,
+        "lm_head_rows": engine.lm_head_rows,
         "new_tokens": st1.new_tokens, "ids": s1.generated_ids, "threads": torch.get_num_threads(),
         "quantization": engine.quantization, "decode_bytes": quantized_decode_bytes(engine),
         **peak_memory(a.device), **text_logits(engine, a.result),
@@ -125,7 +125,7 @@ def quantized_decode_bytes(engine) -> int | None:
     layers = sum(module_weight_bytes(m) for n, m in mods.items() if n != "lm_head" and
                  is_quantizable(n, engine.quantization))
     head = module_weight_bytes(mods["lm_head"])
-    rows = engine._head.out_features if engine._head is not None else engine.config.text.vocab_size
+    rows = engine.lm_head_rows
     return layers + head * rows // engine.config.text.vocab_size
 
 

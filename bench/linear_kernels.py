@@ -28,7 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsvl.device import cpu_flags  # noqa: E402
-from dsvl.generation import _Fused  # noqa: E402
+from dsvl.packing import PackedLinear  # noqa: E402
 from dsvl.weightonly import Int4Linear, Int8Linear  # noqa: E402
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
@@ -70,7 +70,7 @@ def variants(w32: torch.Tensor) -> dict[str, tuple[object, torch.dtype]]:
     return {
         "float32 F.linear": (lambda x: F.linear(x, w32), torch.float32),
         "bf16 F.linear": (lambda x: F.linear(x, lin16.weight), torch.bfloat16),
-        "bf16 oneDNN packed (dsvl dense)": (_Fused(lin16.weight.data, None, True), torch.bfloat16),
+        "bf16 oneDNN packed (dsvl dense)": (PackedLinear(lin16), torch.bfloat16),
         "dsvl int8-wo kernel (aten, bf16 act)": (i8._matmul, torch.bfloat16),
         "dsvl int8-wo module (bf16 act)": (i8, torch.bfloat16),
         "dsvl int8-wo module (float32 act)": (i8, torch.float32),

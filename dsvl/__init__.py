@@ -23,8 +23,9 @@ _EXPORTS = {
     "Cancelled": "dsvl.processor",
     "CheckpointError": "dsvl.loading",
     "Engine": "dsvl.generation",
-    "GenerationStats": "dsvl.generation",
-    "TextStream": "dsvl.generation",
+    "GenerationStats": "dsvl.stream",
+    "TextStream": "dsvl.stream",
+    "KVMemoryError": "dsvl.kvpool",
 }
 
 if TYPE_CHECKING:

@@ -1,13 +1,16 @@
 """LLaMA-style decoder of DeepSeek LLM 7B (gpt-fast style): RMSNorm, half-rotation RoPE, SwiGLU, SDPA attention
 and a static KV cache.
 
-Attribute names equal transformers' ``LlamaModel`` (``embed_tokens``, ``layers.N.self_attn.q_proj``, ...), so the
-state_dict keys match the checkpoint without renaming. Numerics follow transformers 5.24 ``modeling_llama.py``
+Attribute names equal transformers' ``LlamaModel`` (``embed_tokens``, ``layers.N.self_attn.o_proj``, ...), except
+that q/k/v and gate/up are each one fused Linear (``qkv_proj``, ``gate_up_proj``); ``state_dict()`` and
+``load_state_dict`` still use the checkpoint's separate names (``fuse_on_load``), so nothing else renames. Numerics follow transformers 5.24 ``modeling_llama.py``
 (reference §6.1-6.2): RMSNorm in float32 then cast back before the weight multiply; cos/sin in float32 then cast
 to the activation dtype; rotate_half (GPT-NeoX) rotation, not interleaved.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +72,9 @@ class KVCache(nn.Module):
     """Static K/V buffers ``(layers, B, H_kv, max_len, head_dim)``, allocated once.
 
     ``update`` writes the new keys/values at ``[start, start+T)`` and returns views over ``[0, start+T)``: attention
-    then runs over the live length only, never the whole buffer (performance-notes §6.2).
+    then runs over the live length only, never the whole buffer. With ``start`` a tensor of positions (the compiled
+    decode step), every shape is static instead: K/V are written with ``index_copy_`` and the whole buffer is
+    returned, for attention under a mask (``static_attention_mask``).
     """
 
     def __init__(self, config: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype,
@@ -87,7 +92,11 @@ class KVCache(nn.Module):
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, start: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if isinstance(start, Tensor):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: positions up to {end} but max_len is {self.max_len}")
@@ -98,44 +107,92 @@ class KVCache(nn.Module):
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def fuse_on_load(module: nn.Module, fused: str, parts: Sequence[tuple[str, int]]) -> None:
+    """Make ``module.<fused>`` (one ``nn.Linear``) hold the checkpoint's Linears ``parts`` (name, out_features)
+    stacked by rows, in that order: one matrix product instead of several (at batch 1 a product streams its
+    weight once, and one wide product runs faster than three narrow ones).
+
+    The checkpoint keeps the separate names, so, like gpt-fast's ``wqkv`` load hook: ``load_state_dict`` joins the
+    parts into the fused weight, ``state_dict()`` gives them back (row views, no copy) under their own names and
+    in their own order, and ``module.fused_parts`` tells the loader where each part's rows go
+    (``{"q_proj": ("qkv_proj", 0, 4096), ...}``)."""
+    slots, lo = {}, 0
+    for name, rows in parts:
+        slots[name] = (fused, lo, lo + rows)
+        lo += rows
+    module.fused_parts = slots
+
+    def split_on_save(mod: nn.Module, state: dict, prefix: str, _meta) -> None:
+        linear = getattr(mod, fused)
+        mine = [k for k in state if k.startswith(prefix + fused + ".")]
+        if not all(k.endswith((".weight", ".bias")) for k in mine) or not getattr(linear, "rows_split_on_save",
+                                                                                  type(linear) is nn.Linear):
+            return  # a quantized stand-in: its tensors are not the checkpoint's rows
+        # This module's entries are the last ones written: re-insert them in checkpoint order.
+        own = {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        for k, v in own.items():
+            name, _, attr = k[len(prefix):].partition(".")
+            if name != fused:
+                state[k] = v
+                continue
+            for part, (_, a, b) in slots.items():
+                state[f"{prefix}{part}.{attr}"] = v[a:b]
+
+    def join_on_load(mod: nn.Module, state: dict, prefix: str, *_args) -> None:
+        for attr in ("weight", "bias"):
+            keys = [f"{prefix}{part}.{attr}" for part in slots]
+            if all(k in state for k in keys):
+                state[f"{prefix}{fused}.{attr}"] = torch.cat([state.pop(k) for k in keys])
+
+    module.register_state_dict_post_hook(split_on_save)
+    module.register_load_state_dict_pre_hook(join_on_load)
+
+
 class Attention(nn.Module):
+    """Self-attention with q|k|v as one Linear (``qkv_proj``); the checkpoint's q/k/v_proj names are kept in
+    ``state_dict()`` (see ``fuse_on_load``)."""
+
     def __init__(self, config: TextConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                         config.head_dim)
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, nq + 2 * nkv, bias=bias)
+        self.o_proj = nn.Linear(nq, config.hidden_size, bias=bias)
+        fuse_on_load(self, "qkv_proj", [("q_proj", nq), ("k_proj", nkv), ("v_proj", nkv)])
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, cache_start: int,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, cache_start: int | Tensor,
                 mask: Tensor | None, is_causal: bool) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([nq, nkv, nkv], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, cache_start, k, v)
         gqa = self.n_kv_heads != self.n_heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, nq))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate|up as one Linear (``gate_up_proj``)."""
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
         bias = config.mlp_bias
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        fuse_on_load(self, "gate_up_proj", [("gate_proj", config.intermediate_size),
+                                            ("up_proj", config.intermediate_size)])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -146,7 +203,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, cache_start: int,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, cache_start: int | Tensor,
                 mask: Tensor | None, is_causal: bool) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, cache_start, mask, is_causal)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -181,6 +238,12 @@ def build_attention_mask(T: int, cache_start: int, key_padding_mask: Tensor | No
     return mask, False
 
 
+def static_attention_mask(positions: Tensor, S: int) -> Tensor:
+    """(1, 1, T, S) mask for queries at ``positions`` (T,) over a whole cache buffer of S slots: slot <= position.
+    Slots past the live length are masked; they must hold finite numbers (0 x NaN would still poison the sum)."""
+    return (torch.arange(S, device=positions.device)[None, :] <= positions[:, None])[None, None]
+
+
 class LlamaModel(nn.Module):
     """Decoder stack without the LM head; ``forward`` takes embeddings (the caller scatters image features)."""
 
@@ -193,16 +256,21 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor, cache: KVCache | None = None,
-                cache_start: int = 0, key_padding_mask: Tensor | None = None) -> Tensor:
+                cache_start: int | Tensor = 0, key_padding_mask: Tensor | None = None) -> Tensor:
         """inputs_embeds (B, T, D), position_ids (B, T) or (T,), key_padding_mask (B, cache_start+T) bool with
-        True = real token. Returns the final-normed hidden states (B, T, D)."""
+        True = real token. Returns the final-normed hidden states (B, T, D). ``cache_start`` as a tensor (T,) of
+        cache slots makes every shape static (what ``torch.compile`` with CUDA graphs needs; no padding mask)."""
         B, T, _ = inputs_embeds.shape
-        if cache is None and cache_start:
+        static = isinstance(cache_start, Tensor)
+        if cache is None and (static or cache_start):
             raise ValueError("cache_start > 0 needs a cache holding the prefix")
         if position_ids.dim() == 1:
             position_ids = position_ids[None].expand(B, T)
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
-        mask, is_causal = build_attention_mask(T, cache_start, key_padding_mask, inputs_embeds.device)
+        if static:
+            mask, is_causal = static_attention_mask(cache_start, cache.max_len), False
+        else:
+            mask, is_causal = build_attention_mask(T, cache_start, key_padding_mask, inputs_embeds.device)
         h = inputs_embeds
         for layer in self.layers:
             h = layer(h, cos, sin, cache, cache_start, mask, is_causal)

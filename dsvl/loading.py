@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError, DsvlConfig
+from .packing import pack_linears, should_pack
 
 log = logging.getLogger(__name__)
 
@@ -391,13 +392,42 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
 
 
-def _assign(model: nn.Module, name: str, tensor: Tensor) -> None:
+def _assign(model: nn.Module, name: str, tensor: Tensor) -> str | None:
+    """Put ``tensor`` where the checkpoint name ``name`` belongs. A part of a fused Linear (``fuse_on_load``) is
+    copied into its rows of the fused weight, allocated on the first part; returns that Linear's name then."""
     module_name, _, attr = name.rpartition(".")
+    parent_name, _, child = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    slot = getattr(parent, "fused_parts", {}).get(child)
+    if slot is not None:
+        fused_name, lo, hi = slot
+        fused = getattr(parent, fused_name)
+        whole = fused._parameters[attr]
+        if whole.is_meta:
+            whole = nn.Parameter(torch.empty(whole.shape, dtype=tensor.dtype, device=tensor.device),
+                                 requires_grad=False)
+            fused._parameters[attr] = whole
+        whole.data[lo:hi] = tensor
+        return f"{parent_name}.{fused_name}" if parent_name else fused_name
     module = model.get_submodule(module_name)
     if attr in module._parameters:
         module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
     else:
         module._buffers[attr] = tensor
+    return None
+
+
+def _fused_part_counts(model: nn.Module, names) -> dict[str, int]:
+    """Fused Linear name -> how many checkpoint tensors fill it (it is complete when all have been assigned)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        module_name, _, _ = name.rpartition(".")
+        parent_name, _, child = module_name.rpartition(".")
+        slot = getattr(model.get_submodule(parent_name), "fused_parts", {}).get(child)
+        if slot is not None:
+            key = f"{parent_name}.{slot[0]}" if parent_name else slot[0]
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def _is_loaded(module: nn.Module) -> bool:
@@ -406,13 +436,18 @@ def _is_loaded(module: nn.Module) -> bool:
 
 def load_model(checkpoint_dir: str | Path, *, device: torch.device | str = "cpu",
                dtype: torch.dtype | str = torch.bfloat16, quantization: str = "none",
-               config: DsvlConfig | None = None) -> tuple["DeepseekVLHybrid", LoadInfo]:  # noqa: F821
+               config: DsvlConfig | None = None, pack: bool | None = False
+               ) -> tuple["DeepseekVLHybrid", LoadInfo]:  # noqa: F821
     """Build the model on ``meta`` and fill it tensor by tensor, shard by shard, straight in ``device``/``dtype``.
 
     Every expected tensor must be present with the right shape (else CheckpointError naming tensor and file).
     With ``quantization != "none"`` each Linear accepted by ``dsvl.quantization.is_quantizable`` is replaced by
     ``quantize_linear(linear, quantization, name)`` as soon as its last tensor is read, so full-precision copies
-    never pile up: peak memory is the quantized weights + about one 16-bit Linear.
+    never pile up: peak memory is the quantized weights + about one 16-bit Linear. This is where the decoder's
+    fused Linears (``qkv_proj``, ``gate_up_proj``: filled part by part as the checkpoint's q/k/v and gate/up
+    tensors arrive) are quantized, once their last part is in: fuse, then quantize. Without quantization, the
+    decoder's Linears are finally packed for oneDNN when ``pack`` is true (``None``: on CPU in bfloat16 where
+    supported, what ``dsvl.load`` does; default off, plain ``nn.Linear``s).
     """
     from .model import DeepseekVLHybrid
 
@@ -476,6 +511,7 @@ def load_model(checkpoint_dir: str | Path, *, device: torch.device | str = "cpu"
         _mmap_large_allocations()
     skip = {"lm_head"} if tie else set()  # tied: it is the embedding, quantized never
     done_linears: set[str] = set()
+    unfilled = _fused_part_counts(model, found)  # fused Linears still waiting for some of their parts
     staging: list[Tensor] = []
     for f in files:
         with open(f, "rb") as fh:
@@ -483,11 +519,14 @@ def load_model(checkpoint_dir: str | Path, *, device: torch.device | str = "cpu"
                 target_dtype = dtype if entry.dtype.is_floating_point else entry.dtype
                 if len(targets) == 1 and targets[0].chunk is None:
                     x = read_tensor(fh, entry, target_dtype, device, staging)
-                    _assign(model, targets[0].name, x.squeeze(0) if targets[0].squeeze0 else x)
+                    fused = _assign(model, targets[0].name, x.squeeze(0) if targets[0].squeeze0 else x)
+                    if fused is not None:
+                        unfilled[fused] -= 1
                     info.n_tensors += 1
-                    if quantize is not None:  # at once: never more than one 16-bit Linear waits for it
+                    # At once (never more than one 16-bit Linear waits for it); a fused one when its last part is in.
+                    if quantize is not None and not (fused is not None and unfilled[fused]):
                         info.quantized += _quantize_loaded(model, quantize, quantization, done_linears, skip,
-                                                           targets[0].name.rpartition(".")[0])
+                                                           fused or targets[0].name.rpartition(".")[0])
                     continue
                 raw = read_tensor(fh, entry)  # fused original SigLIP qkv: split rows into q, k, v
                 rows = raw.shape[0] // 3
@@ -498,7 +537,8 @@ def load_model(checkpoint_dir: str | Path, *, device: torch.device | str = "cpu"
                     info.n_tensors += 1
                 del raw
         if quantize is not None:  # whatever the per-tensor pass could not take (e.g. Linears split across files)
-            info.quantized += _quantize_loaded(model, quantize, quantization, done_linears, skip)
+            skip_now = skip | {name for name, left in unfilled.items() if left}  # fused, still missing parts
+            info.quantized += _quantize_loaded(model, quantize, quantization, done_linears, skip_now)
 
     if tie:
         model.tie_weights()
@@ -513,6 +553,10 @@ def load_model(checkpoint_dir: str | Path, *, device: torch.device | str = "cpu"
         if id(t) not in seen:
             seen.add(id(t))
             info.weight_bytes += t.numel() * t.element_size()
+    if pack is None:
+        pack = quantization == "none" and should_pack(device, dtype)
+    if pack:
+        pack_linears(model.model.language_model)
     info.seconds = time.perf_counter() - t0
     return model, info
 

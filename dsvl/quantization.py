@@ -136,6 +136,7 @@ def _quantize_bnb(linear: nn.Linear, mode: str) -> nn.Module:
         q.weight = bnb.nn.Params4bit(w4, requires_grad=False, quant_state=state, blocksize=NF4_BLOCKSIZE,
                                      compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8,
                                      module=q, bnb_quantized=True)
+        _share_code_tables(state)
         q.quant_state = state
     else:
         raise QuantizationError(f"quantize_linear: mode must be one of {', '.join(MODES[1:-1])}, got {mode!r}")
@@ -161,57 +162,86 @@ def quantize_model(model: nn.Module, mode: str) -> int:
 
 # ---- memory accounting -----------------------------------------------------------------------------------------
 
-def _tensor_bytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
+# bitsandbytes gives every NF4 layer its own copy of two constant lookup tables (the 16 NF4 levels and the 256-entry
+# map of the double-quantized absmax, 1,088 bytes together). They never change, so all layers share one copy per
+# device and dtype; at tiny widths the copies would otherwise outweigh the 4-bit weights themselves.
+_CODE_TABLES: dict[tuple, torch.Tensor] = {}
 
 
-def _quant_state_bytes(state) -> int:
+def _shared_table(t: torch.Tensor) -> torch.Tensor:
+    key = (t.device, t.dtype, tuple(t.tolist()))
+    return _CODE_TABLES.setdefault(key, t)
+
+
+def _share_code_tables(state) -> None:
+    while state is not None:
+        state.code = _shared_table(state.code)
+        state = getattr(state, "state2", None)
+
+
+def _quant_state_tensors(state) -> list[torch.Tensor]:
     if state is None:
-        return 0
-    n = _tensor_bytes(getattr(state, "absmax", None)) + _tensor_bytes(getattr(state, "code", None))
-    return n + _quant_state_bytes(getattr(state, "state2", None))  # double quantization
+        return []
+    own = [getattr(state, k, None) for k in ("absmax", "code", "offset")]
+    return [t for t in own if t is not None] + _quant_state_tensors(getattr(state, "state2", None))  # double quant
 
 
-def module_weight_bytes(module: nn.Module) -> int:
-    """Bytes of one module's own parameters and buffers, including bitsandbytes scales / quant state."""
-    n = sum(_tensor_bytes(p.data) for p in module.parameters(recurse=False))
-    n += sum(_tensor_bytes(b) for b in module.buffers(recurse=False))
+def _module_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """One module's own parameters and buffers, including bitsandbytes scales / quant state."""
+    out = [p.data for p in module.parameters(recurse=False)] + [b for b in module.buffers(recurse=False)
+                                                                if b is not None]
     w = getattr(module, "weight", None)
     if w is not None and getattr(w, "quant_state", None) is not None:  # Params4bit
-        n += _quant_state_bytes(w.quant_state)
+        out += _quant_state_tensors(w.quant_state)
     scb = getattr(w, "SCB", None) if w is not None else None
     state = getattr(module, "state", None)
     if scb is None and state is not None:  # Linear8bitLt moves SCB to .state on its first forward
         scb = getattr(state, "SCB", None)
-    return n + _tensor_bytes(scb)
+    return out + ([scb] if scb is not None else [])
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    # The same memory (tied weights), not just the same storage; tensors without memory (meta) are all distinct.
+    return t.device, t.data_ptr() or id(t), t.numel(), t.dtype
+
+
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def module_weight_bytes(module: nn.Module) -> int:
+    """Bytes of one module's own parameters and buffers, including bitsandbytes scales / quant state."""
+    return sum(_tensor_bytes(t) for t in _module_tensors(module))
+
+
+def _shared_bytes(modules: dict[str, nn.Module]) -> dict[str, float]:
+    """Bytes per module, where a tensor held by k of the modules (tied weights, shared code tables) counts 1/k
+    in each: the figures add up to the memory the modules really take."""
+    holders: dict[tuple, set[str]] = {}
+    for name, m in modules.items():
+        for t in _module_tensors(m):
+            holders.setdefault(_storage_key(t), set()).add(name)
+    out = {}
+    for name, m in modules.items():
+        tensors = {_storage_key(t): t for t in _module_tensors(m)}  # a tensor held twice by one module counts once
+        out[name] = sum(_tensor_bytes(t) / len(holders[k]) for k, t in tensors.items())
+    return out
 
 
 def weight_bytes(model: nn.Module) -> int:
     """Resident bytes of all weights (parameters + buffers + quantization scales). Shared tensors count once."""
-    seen: set[int] = set()
-    total = 0
-    for m in model.modules():
-        key = id(m)
-        if key in seen:
-            continue
-        seen.add(key)
-        # Tied weights (lm_head = embed_tokens) would be counted twice through their two modules.
-        for p in m.parameters(recurse=False):
-            if id(p) in seen:
-                total -= _tensor_bytes(p.data)
-            seen.add(id(p))
-        total += module_weight_bytes(m)
-    return total
+    modules = dict(model.named_modules(remove_duplicate=True))
+    return round(sum(_shared_bytes(modules).values()))
 
 
-def quantized_layer_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes of the quantizable decoder Linears as they are now, bytes they would take in 16-bit)."""
-    now = sixteen = 0
-    for name, m in model.named_modules():
-        if is_quantizable(name):
-            now += module_weight_bytes(m)
-            sixteen += 2 * (m.in_features * m.out_features + (m.out_features if m.bias is not None else 0))
-    return now, sixteen
+def quantized_layer_bytes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """For each quantizable decoder Linear: (bytes it takes now, bytes it would take in 16-bit). Constants shared
+    by several layers (bitsandbytes' code tables) are split among them, so the values add up to what is held."""
+    layers = {name: m for name, m in model.named_modules() if is_quantizable(name)}
+    now = _shared_bytes(layers)
+    sixteen = {name: 2 * (m.in_features * m.out_features + (m.out_features if m.bias is not None else 0))
+               for name, m in layers.items()}
+    return {name: (round(now[name]), sixteen[name]) for name in layers}
 
 
 # ---- "auto" ----------------------------------------------------------------------------------------------------

@@ -210,9 +210,6 @@ class Tokenizer:
         """Text of `ids`; ids outside the vocabulary are skipped."""
         return self.backend.decode([i for i in ids if 0 <= i < self.size], skip_special_tokens=skip_special_tokens)
 
-    def is_special(self, token_id: int) -> bool:
-        return token_id in self._special_ids
-
     def token_bytes(self, token_id: int, skip_special_tokens: bool = True) -> bytes:
         """Raw bytes that `token_id` contributes to a decode (byte-level tokenizers only). Mirrors the
         `tokenizers` ByteLevel decoder: a token whose every char is in the byte table maps to those bytes,

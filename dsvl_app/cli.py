@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -23,7 +25,6 @@ Options:
   * point at a local copy:             python app.py --model /path/to/deepseek-vl-7b-chat
   * try the interface with random weights (answers are noise):
         python app.py --model random:tiny
-    (or write a random checkpoint yourself: python -m dsvl.tiny ./checkpoints/tiny, then --model ./checkpoints/tiny)
   * if the model is in another Hugging Face cache, point HF_HOME at it and set HF_HUB_OFFLINE=1.
 """
 
@@ -80,7 +81,9 @@ def load_engine(settings: Settings):
     t0 = time.perf_counter()
     try:
         engine = dsvl.load(model=settings.model, device=settings.device, dtype=settings.dtype,
-                           quantization=settings.quantization, max_context_tokens=settings.max_context_tokens)
+                           quantization=settings.quantization, max_context_tokens=settings.max_context_tokens,
+                           max_image_pixels=settings.max_image_pixels,
+                           kv_cache_memory=settings.kv_cache_memory, compile=settings.compile)
     except Exception as exc:
         if type(exc).__name__ in _LOAD_ERRORS:
             raise SystemExit(f"Could not load the model: {exc}") from None
@@ -91,6 +94,8 @@ def load_engine(settings: Settings):
           + ("  [RANDOM WEIGHTS]" if getattr(engine, "is_random", False) else ""), flush=True)
     if getattr(engine, "quantization_reason", ""):  # --quantization auto: what it chose and why
         print(f"Quantization auto: {engine.quantization_reason}", flush=True)
+    if hasattr(engine, "kv_summary"):
+        print(f"{engine.kv_summary()}; compiled decode step: {'on' if engine.compiled else 'off'}", flush=True)
     return engine
 
 
@@ -132,10 +137,6 @@ def main(argv: list[str] | None = None) -> None:
         print(line, file=sys.stderr, flush=True)
     if on_spaces:
         settings.share = False
-    # Each server gets its own upload folder (before gradio is imported: it reads the variable at import).
-    # Two servers sharing /tmp/gradio would delete each other's identical uploads when a session ends.
-    os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="dsvl-chat-uploads-"))
-
     if settings.backend == "openai":
         from .remote import OpenAIBackend
 
@@ -143,8 +144,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Answers come from {engine.backend}", flush=True)
     else:
         engine = load_engine(settings)
+    # Each server gets its own upload folder (before gradio is imported: it reads the variable at import).
+    # Two servers sharing /tmp/gradio would delete each other's identical uploads when a session ends.
+    own_folder = None
+    if "GRADIO_TEMP_DIR" not in os.environ:
+        own_folder = os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="dsvl-chat-uploads-")
+    # SIGTERM is how Spaces, systemd and Docker stop a server: treat it as Ctrl+C, so that Gradio closes the
+    # server and the `finally` below deletes the users' uploads.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        from .ui import build_app, launch_options
 
-    from .ui import build_app, launch_options
+        demo = build_app(engine, settings, gpu=spaces_gpu() if settings.backend == "local" else None)
+        demo.launch(**launch_options(settings))
+    finally:
+        if own_folder:
+            shutil.rmtree(own_folder, ignore_errors=True)
 
-    demo = build_app(engine, settings, gpu=spaces_gpu() if settings.backend == "local" else None)
-    demo.launch(**launch_options(settings))
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -25,6 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
+from .rendering import inert_markdown
+
 FORMAT = "dsvl-chat.conversation"
 VERSION = 1
 
@@ -244,12 +246,12 @@ def chatbot_messages(conv: list[dict]) -> list[dict]:
             if labels:
                 content.append(gallery_message(tuple(zip(turn["images"], labels))))
             if turn["text"]:
-                content.append(turn["text"])
+                content.append(inert_markdown(turn["text"]))
             out.append({"role": "user", "content": content or [""]})
         else:
             if turn["status"] == "pending" and not turn["text"]:
                 continue
-            text = turn["text"]
+            text = inert_markdown(turn["text"])
             if turn["status"] == "stopped":
                 text = (text + "\n\n" if text else "") + "*— stopped*"
             out.append({"role": "assistant", "content": text or "*(empty answer)*"})

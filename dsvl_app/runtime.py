@@ -288,5 +288,13 @@ class Runtime:
         return int(getattr(self.engine, "num_image_tokens", 576) or 576)
 
     @property
+    def max_image_pixels(self) -> int:
+        """`--max-image-pixels`, else the engine's own bound: the app's upload check applies the same limit."""
+        from dsvl.images import DEFAULT_MAX_PIXELS
+
+        processor = getattr(self.engine, "processor", None)
+        return int(self.settings.max_image_pixels or getattr(processor, "max_image_pixels", 0) or DEFAULT_MAX_PIXELS)
+
+    @property
     def max_context_tokens(self) -> int:
         return int(getattr(self.engine, "max_context_tokens", 0) or self.settings.max_context_tokens)

@@ -57,9 +57,12 @@ class Settings:
     concurrency: int = 1  # generations running at once
     max_queue: int = 32  # requests waiting; more are refused with "queue is full"
     max_file_size: int = 20 * 1024 * 1024  # bytes, per uploaded file
+    max_image_pixels: int | None = None  # width x height; None = the core's limit (dsvl.images.DEFAULT_MAX_PIXELS)
     backend: str = "local"  # "local": load the model here; "openai": stream from an OpenAI-compatible server
     api_base: str | None = None  # that server's URL, e.g. http://gpu-box:23333/v1
     api_model: str | None = None  # its model id (default: the first it lists)
+    kv_cache_memory: str = "auto"  # all conversations' KV cache: a size (6GB), a fraction of free memory, or auto
+    compile: str = "auto"  # compiled decode step: auto (= on for CUDA), on, off
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     def auth_pairs(self) -> list[tuple[str, str]] | None:
@@ -143,6 +146,10 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
                    help="requests allowed to wait; more get 'queue is full' [DSVL_MAX_QUEUE] (default: %(default)s)")
     p.add_argument("--max-file-size", default=e("DSVL_MAX_FILE_SIZE", "20MB"),
                    help="largest accepted upload, e.g. 20MB [DSVL_MAX_FILE_SIZE] (default: %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=e("DSVL_MAX_IMAGE_PIXELS", None),
+                   help="largest image accepted, in pixels (width x height), checked on the declared size before "
+                        "decoding (a decompression bomb is refused unread) [DSVL_MAX_IMAGE_PIXELS] "
+                        "(default: the core's limit, 40 MP)")
     p.add_argument("--backend", choices=["local", "openai"], default=e("DSVL_BACKEND", d.backend),
                    help="local: load the model in this process; openai: stream from the OpenAI-compatible server "
                         "at --api-base (key in DSVL_API_KEY or OPENAI_API_KEY) [DSVL_BACKEND] (default: %(default)s)")
@@ -150,6 +157,13 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
                    help="with --backend openai, e.g. http://127.0.0.1:23333/v1 [DSVL_API_BASE]")
     p.add_argument("--api-model", default=e("DSVL_API_MODEL", None), metavar="NAME",
                    help="with --backend openai: the model id (default: the first the server lists) [DSVL_API_MODEL]")
+    p.add_argument("--kv-cache-memory", default=e("DSVL_KV_CACHE_MEMORY", d.kv_cache_memory),
+                   help="memory for all conversations' KV caches: a size like 6GB, a fraction like 0.5 of the "
+                        "memory left after the weights, or auto (CUDA: all of it; CPU: half); idle conversations "
+                        "are evicted when it is full [DSVL_KV_CACHE_MEMORY] (default: %(default)s)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default=e("DSVL_COMPILE", d.compile),
+                   help="compile the decode step with torch.compile (CUDA graphs on a GPU); auto = on for CUDA "
+                        "[DSVL_COMPILE] (default: %(default)s)")
     return p
 
 
@@ -160,8 +174,13 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         max_file_size = parse_size(a.max_file_size)
         if a.auth:
             parse_auth(a.auth)
+        from dsvl.kvpool import parse_budget  # the core's parser: one definition of what a budget may be
+
+        parse_budget(a.kv_cache_memory)
     except ValueError as exc:
         parser.error(str(exc))
+    if a.max_image_pixels is not None and a.max_image_pixels < 1:
+        parser.error("--max-image-pixels must be positive")
     if a.backend == "openai" and not a.api_base:
         parser.error("--backend openai needs --api-base URL (the server's /v1 address)")
     for name in ("max_images", "max_images_per_chat", "max_context_tokens", "concurrency", "max_queue", "port"):
@@ -172,5 +191,6 @@ def parse_settings(argv: list[str] | None = None, env: dict[str, str] | None = N
         port=a.port, share=bool(a.share), auth=a.auth or None, max_images=a.max_images,
         max_images_per_chat=a.max_images_per_chat,
         max_context_tokens=a.max_context_tokens, concurrency=a.concurrency, max_queue=a.max_queue,
-        max_file_size=max_file_size, backend=a.backend, api_base=a.api_base, api_model=a.api_model,
+        max_file_size=max_file_size, max_image_pixels=a.max_image_pixels, kv_cache_memory=a.kv_cache_memory,
+        compile=a.compile, backend=a.backend, api_base=a.api_base, api_model=a.api_model,
     )

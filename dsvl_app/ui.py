@@ -2,8 +2,10 @@
 
 Event chains (every chain that runs the model shares the concurrency group "gpu"):
 
-    send / example / retry / edit:  stage   (checks the message, shows the user turn; never waits for the model)
-                                    .success(answer)   (queued in "gpu", streams)
+    send / example / retry / edit:  check   (checks the message into the `proposal` State; a refusal is a
+                                             notice that leaves the chat and the input box as they are)
+                                    .success(show_staged)   (shows the user turn and a waiting bubble)
+                                    .success(answer)   (queued in "gpu", streams; its failures are notices too)
                                     .then / .failure(finish)   (unlocks the input; after a failure or a Stop
                                                                 before the start, puts the message back)
     Stop:   sets the session's cancel event (the engine stops within a token) and cancels the queued event.
@@ -25,7 +27,7 @@ from typing import Any
 import gradio as gr
 from gradio.utils import NamedString
 
-from . import history, limits
+from . import history, limits, rendering
 from . import system_prompt as sysprompt
 from .runtime import Runtime, UserError, failure_message, generation_params
 from .settings import QUANTIZATION_COSTS, Settings
@@ -43,11 +45,28 @@ CSS = """
 #dsvl-banner .name { font-weight:700; font-size:1.05rem; }
 #dsvl-banner .chip { padding:.1rem .5rem; border-radius:999px; background:var(--background-fill-secondary);
                      border:1px solid var(--border-color-primary); font-family:var(--font-mono); font-size:.82rem; }
-#dsvl-random { margin-top:.5rem; padding:.7rem 1rem; border-radius:10px; font-weight:600;
-               background:#fde8e8; color:#8a1c1c; border:2px solid #e02424; }
+/* the test-model warning: the theme's error colours, so that it reads in light and dark mode alike */
+#dsvl-random { margin-top:.5rem; padding:.45rem .8rem; border-radius:10px; font-weight:600; font-size:.9rem;
+               background:var(--error-background-fill); color:var(--error-text-color);
+               border:2px solid var(--error-border-color); }
+#dsvl-random code { background:transparent; color:inherit; font-weight:700; padding:0; }
 #dsvl-context { font-size:.85rem; color:var(--body-text-color-subdued); min-height:1.4rem; padding:0 .3rem; }
 #dsvl-context .warn { color:#b45309; font-weight:600; }
 #dsvl-tools button { min-width:0; }
+/* code is set at the size of the text around it (Gradio's default is smaller) */
+#dsvl-chat .message code, #dsvl-chat .message pre { font-size:inherit; }
+/* a user message's copy/edit buttons sit under the bubble, clear of the chat's own delete / copy-all buttons */
+#dsvl-chat .message-row.user-row .message-buttons-right { position:static; }
+/* the example cards look like cards in light mode too */
+#dsvl-chat .example { border:1px solid var(--border-color-primary); background:var(--block-background-fill);
+                      box-shadow:var(--shadow-drop); }
+/* a phone: a shorter chat, so that the title, the warning and the input box all fit the first screen */
+@media (max-width: 640px) {
+  #dsvl-chat { height:auto !important; min-height:260px !important; max-height:42vh !important; }
+  #dsvl-random { font-size:.82rem; padding:.35rem .6rem; }
+  #dsvl-banner { font-size:.8rem; gap:.2rem .4rem; padding:.4rem .6rem; }
+  #dsvl-banner .chip:nth-of-type(n+4) { display:none; }
+}
 /* a user turn's images: one row of captioned thumbnails (captions = Image 1, Image 2, …) */
 #dsvl-chat .message.user .gallery-container .grid-wrap { height:auto !important; min-height:0 !important;
     max-height:none !important; overflow:visible !important; padding:4px !important; }
@@ -57,6 +76,26 @@ CSS = """
 #dsvl-chat .message.user:has(.gallery-container) { width:auto !important; max-width:100%; }
 #dsvl-chat .caption-label { font-weight:600; }
 footer { opacity:.85; }
+"""
+
+# Maths as DeepSeek writes it: $…$ and \(…\) inline, $$…$$ and \[…\] on a line of their own.
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "\\[", "right": "\\]", "display": True},
+         {"left": "$", "right": "$", "display": False}, {"left": "\\(", "right": "\\)", "display": False}]
+
+# On page load. The input box's send/stop buttons are icons: give them a name (screen readers) and a tooltip.
+# Focus the input box without scrolling to it (the page opens at its top), and not on a phone (whose keyboard
+# would cover the page).
+PAGE_JS = """
+() => {
+  const name = () => {
+    for (const [sel, label] of [["#dsvl-input .submit-button", "Send"], ["#dsvl-input .stop-button", "Stop"]])
+      for (const b of document.querySelectorAll(sel)) { b.setAttribute("aria-label", label); b.title = label; }
+  };
+  name();
+  new MutationObserver(name).observe(document.body, {childList: true, subtree: true});
+  const box = document.querySelector("#dsvl-input textarea");
+  if (box && window.matchMedia("(min-width: 641px)").matches) box.focus({preventScroll: true});
+}
 """
 
 DOWNLOAD_JS = """
@@ -129,6 +168,9 @@ def banner_html(engine, settings: Settings) -> str:
     ]
     if getattr(engine, "backend", None):  # a remote server: it knows its precision and device, we do not
         chips = [("model", engine.model), ("backend", engine.backend), chips[-1]]
+    if hasattr(engine, "kv_budget_bytes"):  # KV memory in GB and in full-length conversations
+        chips.append(("KV memory", f"{engine.kv_budget_bytes / 1e9:.1f} GB ≈ "
+                                   f"{engine.kv_conversations:.1f} full conversations"))
     parts = [f'<div id="dsvl-banner"><span class="name">{html.escape(model_name(engine))}</span>']
     tips = {"model": settings.model}
     if quant not in ("none", ""):  # what the quantized mode costs, on hover
@@ -138,10 +180,8 @@ def banner_html(engine, settings: Settings) -> str:
     parts.append("</div>")
     if getattr(engine, "is_random", False):
         parts.append(
-            '<div id="dsvl-random">⚠️ RANDOM WEIGHTS — this checkpoint was written by the random-checkpoint tool '
-            "(<code>python -m dsvl.tiny</code>). Every answer is meaningless noise. Use it to try the interface "
-            f"only; start the app with <code>--model {html.escape(real_model(engine))}</code> (or a local "
-            "copy of it) for real answers.</div>")
+            '<div id="dsvl-random">⚠️ RANDOM WEIGHTS: this is a test model, its answers are noise. For real '
+            f"answers start the app with <code>--model {html.escape(real_model(engine))}</code>.</div>")
     return "".join(parts)
 
 
@@ -196,15 +236,16 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                    analytics_enabled=False) as demo:
         conv = gr.State([])  # canonical turns (history.py); per browser tab / API client
         pending = gr.State(None)  # the message being sent, put back into the box if it fails
+        proposal = gr.State(None)  # a checked message: (conversation to answer, message to put back)
 
         gr.HTML(banner_html(engine, settings))
         chatbot = gr.Chatbot(
-            elem_id="dsvl-chat", show_label=False, height="62vh", min_height=380, layout="bubble",
+            elem_id="dsvl-chat", show_label=False, height="55vh", min_height=360, layout="bubble",
             buttons=["copy", "copy_all"], editable="user", feedback_options=None, examples=examples or None,
             placeholder=(f"**Ask about your pictures.** Attach, drop or paste up to {settings.max_images} images "
                          "per message, then ask. They are numbered Image 1, Image 2, … across the chat, so you "
                          "can refer to them."),
-            group_consecutive_messages=False,
+            group_consecutive_messages=False, latex_delimiters=LATEX, sanitize_html=True,
         )
         # The examples' cached copies are shared with identical uploads: never delete them.
         rt.files.protect(f["path"] for ex in (chatbot.examples or []) for f in [*ex.get("files", []), ex.get("icon")]
@@ -213,7 +254,8 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
         textbox = gr.MultimodalTextbox(
             elem_id="dsvl-input", show_label=False, file_types=["image"], file_count="multiple",
             sources=["upload"], placeholder="Message DeepSeek-VL… (Enter to send, Shift+Enter for a new line)",
-            submit_btn=True, stop_btn=False, autofocus=True, max_lines=12, max_plain_text_length=limits.MAX_MESSAGE_CHARS,
+            submit_btn=True, stop_btn=False, autofocus=False, max_lines=12,
+            max_plain_text_length=limits.MAX_MESSAGE_CHARS,
         )
         with gr.Row(elem_id="dsvl-tools"):
             retry_btn = gr.Button("Retry", size="sm", elem_id="dsvl-retry")
@@ -266,13 +308,13 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             box = gr.update(interactive=False, submit_btn=False, stop_btn=True)
             if message is not None:
                 box = gr.update(value=None, interactive=False, submit_btn=False, stop_btn=True)
-            return [box, history.chatbot_messages(conv_), conv_, message, ctx(conv_, "Waiting for the model…"),
-                    *busy()]
+            return [box, [*history.chatbot_messages(conv_), waiting_bubble()], conv_, message,
+                    ctx(conv_, "Waiting for the model…"), *busy()]
 
         stage_outputs = [textbox, chatbot, conv, pending, context_md, *tools]
 
         def user_message(message: Any, request: gr.Request) -> dict:
-            """Check a {"text", "files"} message; returns the user turn. Raises gr.Error."""
+            """Check a {"text", "files"} message; returns the user turn. Raises gr.Error (see `refused`)."""
             if isinstance(message, str):
                 message = {"text": message, "files": []}
             if not isinstance(message, dict):
@@ -282,38 +324,44 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             files = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", ""))
                      for f in (raw_files if isinstance(raw_files, list) else [raw_files])]
             if not text.strip() and not files:
-                raise gr.Error("Type a question or attach an image first.", title="Nothing to send")
+                raise refused("Type a question or attach an image first.", "Nothing to send")
             try:
                 limits.check_text(text)
             except limits.LimitError as exc:
-                raise gr.Error(str(exc), title="Message too long") from None
-            if len(files) > settings.max_images:  # before looking at any of them
-                raise gr.Error(f"{len(files)} images attached; at most {settings.max_images} per message. "
-                               "Remove some and send again.", title="Image refused")
+                raise refused(str(exc), "Message too long") from None
             # Files only by identity: this server's uploads (and the examples' copies, which live among them).
             # Nothing else about any other path is looked at, so a refusal tells nothing about the server.
             if not all(limits.is_upload(f, rt.upload_root) for f in files):
-                raise gr.Error("An attached file is not an upload to this server; please attach it again.",
-                               title="Image refused")
+                raise refused("An attached file is not an upload to this server; please attach it again.",
+                              "Image refused")
+            new = rt.files.track(request.session_hash, files)  # refused or not, deleted when the session ends
+            if len(files) > settings.max_images:  # before looking at any of them
+                raise refused(f"{len(files)} images attached; at most {settings.max_images} per message. "
+                              "Remove some and send again.", "Image refused")
             try:
-                check_files(files, max_images=settings.max_images, max_bytes=settings.max_file_size)
+                check_files(files, max_images=settings.max_images, max_bytes=settings.max_file_size,
+                            max_pixels=rt.max_image_pixels)
+                rt.files.check_quota(request.session_hash, new)
             except UploadError as exc:
-                raise gr.Error(str(exc), title="Image refused") from None
-            rt.files.track(request.session_hash, files)
+                if exc.path:  # a file that is not an image, too large, ...: deleted at once
+                    rt.files.discard(request.session_hash, [exc.path])
+                raise refused(str(exc), "Image refused") from None
             return history.user_turn(text, files)
 
-        # -- stage steps (queued, but without a concurrency limit: instant) ---------------------------
+        # -- check steps: each returns (conversation to answer, message to put back on failure) into
+        # `proposal`, or refuses. A refusal is a notice only: its outputs are that invisible State, so the chat
+        # and the input box stay as they are (Gradio marks a failed step's outputs with an error badge).
         def within_chat_limits(conv_):
             try:
                 limits.check_conversation(conv_, max_images=settings.max_images,
                                           max_images_per_chat=settings.max_images_per_chat)
             except limits.LimitError as exc:
-                raise gr.Error(str(exc), title="Too many images") from None
+                raise refused(str(exc), "Too many images") from None
             return conv_
 
         def stage_message(message, conv_, request: gr.Request):
             turn = user_message(message, request)
-            return staged(within_chat_limits([*conv_, turn]), {"text": turn["text"], "files": turn["images"]})
+            return within_chat_limits([*conv_, turn]), {"text": turn["text"], "files": turn["images"]}
 
         def stage_example(conv_, evt: gr.SelectData, request: gr.Request):
             # The card is looked up by its index among this server's examples: the event's value comes from
@@ -321,38 +369,46 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             index = evt.index[0] if isinstance(evt.index, (list, tuple)) and evt.index else evt.index
             cards = chatbot.examples or []
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(cards):
-                raise gr.Error("There is no such example.", title="Nothing to send")
+                raise refused("There is no such example.", "Nothing to send")
             card = cards[index]
             value = {"text": card.get("text", ""),
                      "files": [f["path"] for f in card.get("files") or [] if isinstance(f, dict) and f.get("path")]}
             turn = user_message(value, request)
-            return staged(within_chat_limits([*conv_, turn]), {"text": turn["text"], "files": turn["images"]})
+            return within_chat_limits([*conv_, turn]), {"text": turn["text"], "files": turn["images"]}
 
         def stage_retry(conv_):
             i = history.last_user_index(conv_)
             if i is None:
-                raise gr.Error("There is no question to answer again yet.", title="Nothing to retry")
-            return staged(conv_[: i + 1], None)
+                raise refused("There is no question to answer again yet.", "Nothing to retry")
+            return conv_[: i + 1], None
 
         def stage_edit(conv_, evt: gr.EditData):
             index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
             i = history.turn_index_for_chatbot_index(conv_, int(index))
             if conv_[i]["role"] != "user":
-                raise gr.Error("Only your own messages can be edited.", title="Not editable")
-            turn = history.user_turn(str(evt.value or ""), conv_[i]["images"])
+                raise refused("Only your own messages can be edited.", "Not editable")
+            turn = history.user_turn(rendering.typed_text(str(evt.value or "")), conv_[i]["images"])
             try:
                 limits.check_text(turn["text"], "The edited message")
             except limits.LimitError as exc:
-                raise gr.Error(str(exc), title="Message too long") from None
+                raise refused(str(exc), "Message too long") from None
             if not turn["text"].strip() and not turn["images"]:
-                raise gr.Error("The edited message is empty.", title="Nothing to send")
-            return staged([*conv_[:i], turn], None)
+                raise refused("The edited message is empty.", "Nothing to send")
+            return [*conv_[:i], turn], None
+
+        def show_staged(proposal_):
+            """The checked message shows at once, with the assistant's bubble saying what happens next."""
+            conv_, message = proposal_
+            return staged(conv_, message)
 
         # -- the queued, streaming step ---------------------------------------------------------------
         async def answer(conv_, t, p, k, n, r, s, sp, request: gr.Request):
+            """Streams the reply. A failure is a notice, not an error of this step (which would cover the chat
+            with an error badge): the chat goes back to the question, and `finish` puts it back in the box."""
             session = request.session_hash
             epoch = rt.epoch(session)
-            started = False
+            shown = history.chatbot_messages(conv_)
+            yield [*shown, working_bubble(conv_)], gr.skip(), ctx(conv_, "Reading your message…")
             try:
                 params = generation_params(t, p, k, n, r, s, max_context_tokens=max_ctx, defaults=gdef)
                 system = sysprompt.clean(sp, default_system)
@@ -360,22 +416,31 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                     async for reply in replies:
                         if rt.epoch(session) != epoch:
                             return  # "New chat" was pressed meanwhile: this reply belongs to nobody
-                        started = True
                         new = [*conv_, reply.turn()]
-                        live = None if reply.status != "pending" else (
-                            f"Writing… {reply.new_tokens} tokens" if reply.text
-                            else "Reading the images and your question…")
+                        if reply.status == "pending" and not reply.text:
+                            continue  # the bubble keeps saying what happens until the first token
+                        live = f"Writing… {reply.new_tokens} tokens" if reply.status == "pending" else None
                         yield history.chatbot_messages(new), new, ctx(new, live)
             except UserError as exc:
-                if started:
-                    yield history.chatbot_messages(conv_), conv_, gr.skip()
-                raise gr.Error(exc.message, title=exc.title) from None
+                log.info("refused by the model: %s", exc.title)
+                gr.Warning(f"{exc.message} Your message is back in the box.", title=exc.title)
+                yield shown, conv_, gr.skip()
             except Exception as exc:
                 log.exception("generation failed")
-                if started:
-                    yield history.chatbot_messages(conv_), conv_, gr.skip()
-                raise gr.Error(f"{failure_message(exc)} Your message is back in the box.",
-                               title="Model error") from None
+                gr.Warning(f"{failure_message(exc)} Your message is back in the box.", title="Model error")
+                yield shown, conv_, gr.skip()
+
+        def waiting_bubble():
+            """Between Send and the run: how many answers are ahead in the shared queue."""
+            ahead = queue_ahead(demo)
+            text = f"Waiting for my turn: {plural(ahead, 'answer')} ahead of yours…" if ahead else "Starting…"
+            return {"role": "assistant", "content": f"*⏳ {text}*"}
+
+        def working_bubble(conv_):
+            turn = conv_[-1] if conv_ else {}
+            n = len(turn.get("images", ())) if turn.get("role") == "user" else 0
+            text = f"Looking at {plural(n, 'image')} and thinking…" if n else "Thinking…"
+            return {"role": "assistant", "content": f"*💭 {text}*"}
 
         def finish(conv_, pending_, request: gr.Request):
             """After every chain (success, error or Stop): unlock the input. A user turn left without an
@@ -409,8 +474,9 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             (chatbot.retry, stage_retry, [conv]),
             (chatbot.edit, stage_edit, [conv]),
         ]:
-            ev = trigger(fn, inputs, stage_outputs, **staging)
-            gen = ev.success(**answer_kwargs)
+            ev = trigger(fn, inputs, [proposal], **staging)
+            shown = ev.success(show_staged, [proposal], stage_outputs, show_progress="hidden", **private)
+            gen = shown.success(**answer_kwargs)
             gen.then(**finish_kwargs)
             gen.failure(**finish_kwargs)  # Gradio 6.31's browser runs only .failure listeners after an error
             running.append(gen)
@@ -447,8 +513,8 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                 return ""
             size = limits.export_bytes(conv_)
             if size > limits.MAX_EXPORT_BYTES:
-                raise gr.Error(f"This chat's images add up to {human_size(size)}; Export takes at most "
-                               f"{human_size(limits.MAX_EXPORT_BYTES)}.", title="Export failed")
+                raise refused(f"This chat's images add up to {human_size(size)}; Export takes at most "
+                              f"{human_size(limits.MAX_EXPORT_BYTES)}.", "Export failed")
             try:
                 doc = history.export_conversation(conv_, settings.model)
                 doc["system_prompt"] = sysprompt.clean(sp, default_system)
@@ -456,8 +522,8 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             except UserError as exc:
                 raise gr.Error(exc.message, title=exc.title) from None
             except OSError as exc:
-                raise gr.Error(f"An image of this chat is no longer on the server ({exc.filename}).",
-                               title="Export failed") from None
+                raise refused(f"An image of this chat is no longer on the server ({exc.filename}).",
+                              "Export failed") from None
 
         export_btn.click(do_export, [conv, system_prompt], [export_data], **private).then(
             None, [export_data], None, js=DOWNLOAD_JS, **private)
@@ -467,12 +533,12 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             if not path:
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip()
             if not limits.is_upload(path, rt.upload_root):
-                raise gr.Error("The file to import is not an upload to this server.", title="Import failed")
+                raise refused("The file to import is not an upload to this server.", "Import failed")
             try:
                 raw = Path(path).read_bytes()
             except OSError:
-                raise gr.Error("The file to import is no longer on the server; please choose it again.",
-                               title="Import failed") from None
+                raise refused("The file to import is no longer on the server; please choose it again.",
+                              "Import failed") from None
             finally:
                 _delete_upload(Path(path), rt.upload_root)  # the JSON itself is not kept
             out_dir = rt.import_root / uuid.uuid4().hex
@@ -480,24 +546,27 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                 turns, written = history.import_conversation(raw, out_dir, max_images=settings.max_images_per_chat,
                                                              max_image_bytes=settings.max_file_size)
                 for p in written:
-                    check_image(p, settings.max_file_size)
+                    check_image(p, settings.max_file_size, rt.max_image_pixels)
                 limits.check_conversation(turns, max_images=settings.max_images,
                                           max_images_per_chat=settings.max_images_per_chat)
                 system = sysprompt.from_export(raw)
             except (history.ConversationFormatError, UploadError, limits.LimitError, UserError) as exc:
                 shutil.rmtree(out_dir, ignore_errors=True)
-                raise gr.Error(f"Could not import this file: {exc}", title="Import failed") from None
+                log.info("refused an import: %s", type(exc).__name__)
+                gr.Warning(f"Could not import this file: {exc}", title="Import failed")  # the chat stays as it is
+                return gr.skip(), gr.skip(), gr.skip()
             except Exception as exc:  # a file this reader did not foresee: one log line, a plain message
                 shutil.rmtree(out_dir, ignore_errors=True)
                 log.warning("import refused: %s", type(exc).__name__)
-                raise gr.Error("Could not import this file: it is not a conversation exported by this app.",
-                               title="Import failed") from None
+                gr.Warning("Could not import this file: it is not a conversation exported by this app.",
+                           title="Import failed")
+                return gr.skip(), gr.skip(), gr.skip()
             if written:
                 rt.files.track_dir(session, out_dir)
             else:
                 shutil.rmtree(out_dir, ignore_errors=True)
             rt.new_conversation(session)
-            gr.Info(f"Imported {len(turns)} messages and {len(written)} images.")
+            gr.Info(f"Imported {plural(len(turns), 'message')} and {plural(len(written), 'image')}.")
             return history.chatbot_messages(turns), turns, ctx(turns), gr.skip() if system is None else system
 
         # Gradio 6.31's UploadButton(type="filepath") opens an empty temp file in the upload folder for every
@@ -519,8 +588,8 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             session = request.session_hash
             epoch = rt.epoch(session)
             if not session:
-                raise gr.Error("Call /chat through the queue (gradio_client does), not as a bare REST request.",
-                               title="No session")
+                raise refused("Call /chat through the queue (gradio_client does), not as a bare REST request.",
+                              "No session")
             base = conv_ if history in (None, "", []) else _api_history(history, rt)
             turn = user_message(message, request)
             new = within_chat_limits([*base, turn])
@@ -541,7 +610,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             except UserError as exc:
                 if started:  # a failed call leaves the session's conversation as it was (no half turn)
                     yield gr.skip(), base
-                raise gr.Error(exc.message, title=exc.title) from None
+                raise refused(exc.message, exc.title) from None
             except Exception as exc:
                 log.exception("generation failed")
                 if started:
@@ -570,6 +639,23 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
     return demo
 
 
+def refused(message: str, title: str) -> gr.Error:
+    """The error for a user's mistake: a notice for them, one line (no traceback, no content) in the log."""
+    log.info("refused a request: %s", title)
+    return gr.Error(message, title=title, print_exception=False)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def queue_ahead(demo: gr.Blocks) -> int:
+    """Answers running or waiting in the model's queue (Gradio's queue, concurrency group "gpu")."""
+    q = getattr(demo, "_queue", None)
+    group = q.event_queue_per_concurrency_id.get(GPU) if q is not None else None
+    return 0 if group is None else len(group.queue) + group.current_concurrency
+
+
 def _delete_upload(path: Path, root: Path) -> None:
     """Delete an upload and the folder Gradio made for it, once empty."""
     path.unlink(missing_ok=True)
@@ -586,11 +672,11 @@ def _api_history(value: Any, rt: Runtime) -> list[dict]:
         turns = history.normalize_history(value)
         limits.check_history_text(turns)
     except (history.ConversationFormatError, limits.LimitError) as exc:
-        raise gr.Error(f"history: {exc}", title="Bad history") from None
+        raise refused(f"history: {exc}", "Bad history") from None
     for t in turns:
         for p in t.get("images", ()):
             if not limits.is_upload(p, rt.upload_root):
-                raise gr.Error("history may only refer to files uploaded to this server.", title="Bad history")
+                raise refused("history may only refer to files uploaded to this server.", "Bad history")
     return turns
 
 
@@ -601,7 +687,7 @@ def launch_options(settings: Settings, **overrides) -> dict:
         server_name=settings.host, server_port=settings.port, share=settings.share, auth=settings.auth_pairs(),
         auth_message="DeepSeek-VL chat: please log in." if settings.auth else None,
         max_file_size=settings.max_file_size, css=CSS, theme=gr.themes.Soft(primary_hue="indigo"),
-        footer_links=["api", "gradio", "settings"], run_history=False, ssr_mode=False,
+        footer_links=["api", "gradio", "settings"], run_history=False, ssr_mode=False, js=PAGE_JS,
         show_error=True, allowed_paths=[],
     )
     opts.update(overrides)

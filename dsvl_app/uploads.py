@@ -14,12 +14,19 @@ from pathlib import Path
 
 from PIL import Image
 
-MAX_PIXELS = 40_000_000  # same bound as the core's loader: a 20000x20000 "bomb" is refused unread
+from dsvl.images import DEFAULT_MAX_PIXELS  # the core's bound: a 20000x20000 "bomb" is refused unread
 FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "MPO"}
+# Uploads one session may keep on the server at once. API clients' sessions never "close", so without it their
+# files would stay until the 6-hour sweep however many they sent.
+SESSION_QUOTA_BYTES = 256 * 1024 * 1024
 
 
 class UploadError(ValueError):
-    """A message for the user about one of their files."""
+    """A message for the user about their files; `path` is the file at fault, when one is."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
 
 
 def display_name(path: str | os.PathLike) -> str:
@@ -35,7 +42,14 @@ def human_size(n: int) -> str:
     return f"{n} bytes"
 
 
-def check_image(path: str | os.PathLike, max_bytes: int) -> None:
+def check_image(path: str | os.PathLike, max_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    try:
+        _check_image(path, max_bytes, max_pixels)
+    except UploadError as exc:
+        raise UploadError(str(exc), path) from None
+
+
+def _check_image(path: str | os.PathLike, max_bytes: int, max_pixels: int) -> None:
     name = display_name(path)
     try:
         size = os.path.getsize(path)
@@ -58,18 +72,25 @@ def check_image(path: str | os.PathLike, max_bytes: int) -> None:
                           "Please attach a PNG, JPEG, WebP, GIF, BMP or TIFF picture.") from None
     if fmt not in FORMATS:
         raise UploadError(f"“{name}” is a {fmt} file; please attach a PNG, JPEG, WebP, GIF, BMP or TIFF picture.")
-    if w * h > MAX_PIXELS:
-        raise UploadError(f"“{name}” is {w}×{h} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels.")
+    if w * h > max_pixels:
+        raise UploadError(f"“{name}” is {w}×{h} pixels; the limit is {max_pixels / 1e6:g} megapixels.")
     if w < 1 or h < 1:
         raise UploadError(f"“{name}” has no pixels.")
 
 
-def check_files(files: list[str], *, max_images: int, max_bytes: int) -> None:
+def check_files(files: list[str], *, max_images: int, max_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     if len(files) > max_images:
         raise UploadError(f"{len(files)} images attached; at most {max_images} per message. "
                           "Remove some and send again.")
     for f in files:
-        check_image(f, max_bytes)
+        check_image(f, max_bytes, max_pixels)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _stamp(path: str) -> tuple[int, int] | None:
@@ -104,11 +125,34 @@ class SessionFiles:
     def protect(self, paths) -> None:
         self.protected.update(os.path.realpath(p) for p in paths)
 
-    def track(self, session: str, paths: list[str]) -> None:
+    def track(self, session: str, paths: list[str]) -> list[str]:
+        """Note that `session` uses these files; returns those it did not use before."""
         with self._lock:
             real = [os.path.realpath(p) for p in paths]
-            self._by_session.setdefault(session, set()).update(real)
+            mine = self._by_session.setdefault(session, set())
+            new = [p for p in dict.fromkeys(real) if p not in mine]
+            mine.update(real)
             self._stamps.update((p, _stamp(p)) for p in real)
+            return new
+
+    def check_quota(self, session: str, new: list[str], quota: int = SESSION_QUOTA_BYTES) -> None:
+        """Refuse (deleting the `new` files) when the session's uploads together exceed `quota` bytes."""
+        with self._lock:
+            used = sum(os.path.getsize(p) for p in self._by_session.get(session, ()) if os.path.isfile(p))
+        if used > quota:
+            self.discard(session, new)
+            raise UploadError(f"This chat already holds {human_size(used - sum(map(_size, new)))} of uploads; "
+                              f"the limit is {human_size(quota)}. Reload the page (a new session) to attach "
+                              "more.")
+
+    def discard(self, session: str, paths: list[str]) -> int:
+        """Delete refused uploads now rather than when the session ends; returns how many were deleted."""
+        real = {os.path.realpath(p) for p in paths}
+        with self._lock:
+            self._by_session.get(session, set()).difference_update(real)
+            others = set().union(*self._by_session.values()) if self._by_session else set()
+            stamps = {p: self._stamps.pop(p, None) for p in real - others}
+        return self._delete(stamps)
 
     def track_dir(self, session: str, directory: Path) -> None:
         with self._lock:
@@ -121,8 +165,15 @@ class SessionFiles:
             dirs = self._dirs.pop(session, set())
             others = set().union(*self._by_session.values()) if self._by_session else set()
             stamps = {p: self._stamps.pop(p, None) for p in mine - others}
+        deleted = self._delete(stamps)
+        for d in dirs:
+            if is_within(d, self.roots):
+                shutil.rmtree(d, ignore_errors=True)
+        return deleted
+
+    def _delete(self, stamps: dict[str, tuple[int, int] | None]) -> int:
         deleted = 0
-        for path in mine - others - self.protected:
+        for path in set(stamps) - self.protected:
             p = Path(path)
             if not is_within(p, self.roots) or _stamp(path) != stamps[path]:
                 continue  # outside the upload folder, or uploaded again (by someone else) since this session used it
@@ -134,9 +185,6 @@ class SessionFiles:
                     parent.rmdir()
             except OSError:
                 pass
-        for d in dirs:
-            if is_within(d, self.roots):
-                shutil.rmtree(d, ignore_errors=True)
         return deleted
 
     def sessions(self) -> int:

@@ -66,6 +66,33 @@ def live_app(engine, checkpoint: Path, **settings: Any) -> Iterator[tuple[Any, s
         shutil.rmtree(upload_dir, ignore_errors=True)
 
 
+class Paced:
+    """The engine at a real model's pace (about 50 tokens/s; the tiny one writes hundreds a second), so that an
+    answer is still running when a test presses Stop or sends from a second tab."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def stream(self, *args, **kwargs):
+        return PacedStream(self._engine.stream(*args, **kwargs))
+
+
+class PacedStream:
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def __iter__(self):
+        for delta in self._stream:
+            time.sleep(0.02)
+            yield delta
+
+
 def chat_args(text: str, files=(), max_new_tokens: int = 8, **kw) -> tuple:
     p = {**GREEDY, **kw}
     return ({"text": text, "files": [handle_file(str(f)) for f in files]}, p["temperature"], p["top_p"], p["top_k"],
@@ -240,6 +267,17 @@ def app_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DSVL_", "GRADIO_"))}
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False", **extra)
     return env
+
+
+def serving(url: str, proc: subprocess.Popen, log: Path | None = None) -> bool:
+    """True once the app started as `proc` answers at `url`; fails the test (with the log's end) if it exited."""
+    if proc.poll() is not None:
+        out = log.read_text()[-4000:] if log else (proc.stdout.read() if proc.stdout else "")
+        raise AssertionError(f"the app exited ({proc.returncode}):\n{out}")
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def run_app(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

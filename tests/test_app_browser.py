@@ -1,7 +1,7 @@
 """The app as a person uses it: Debian's chromium driven by Playwright against a live server (tiny random
 checkpoint, real `dsvl.load`). Upload two images, send, watch the answer stream in, press Stop mid-answer,
 change a setting and Retry, Undo, send again, start a New chat, run an example, Export and Import, close
-the tab; saves docs/screenshot.png.
+the tab. (The README's screenshots come from scripts/screenshot.py: tests never write tracked files.)
 
 Chromium comes from $DSVL_CHROMIUM (default /usr/bin/chromium). When it cannot run, this test fails: it
 never skips (scripts/test.sh installs chromium)."""
@@ -17,12 +17,12 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 import dsvl
+from apphelpers import Paced
 from dsvl_app import Settings, start_in_background
 from dsvl_app.settings import GenerationDefaults
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
-SCREENSHOT = ROOT / "docs" / "screenshot.png"
 CHROMIUM = os.environ.get("DSVL_CHROMIUM", "/usr/bin/chromium")
 QUESTION = "What differs between Image 1 and Image 2?"  # greedy on the tiny checkpoint: a long answer, no EOS
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def app(tiny_checkpoint):
-    engine = dsvl.load(str(tiny_checkpoint), device="cpu", quantization="none", max_context_tokens=4096)
+    engine = Paced(dsvl.load(str(tiny_checkpoint), device="cpu", quantization="none", max_context_tokens=4096))
     settings = Settings(model=str(tiny_checkpoint),
                         generation=GenerationDefaults(temperature=0.0, seed=0, max_new_tokens=1500))
     demo, url = start_in_background(engine, settings)
@@ -128,10 +128,6 @@ def test_chat_stop_retry_undo_clear_in_a_real_browser(app, page, tmp_path):
     expect(bot.first).not_to_contain_text("stopped")
     expect(context).to_contain_text("of 4,096 tokens used")
     page.locator("#dsvl-settings").get_by_text("Generation settings").click()  # fold the settings again
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.evaluate("window.scrollTo(0, 0)")
-    page.wait_for_timeout(400)
-    page.screenshot(path=str(SCREENSHOT))
 
     # Undo: the turn leaves the chat and its text goes back into the input box.
     page.locator("#dsvl-undo").click()

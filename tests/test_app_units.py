@@ -64,6 +64,18 @@ def test_bad_flags_are_refused():
         parse_settings(["--auth", "nocolon"], env={})
     with pytest.raises(SystemExit):
         parse_settings(["--concurrency", "0"], env={})
+    with pytest.raises(SystemExit):
+        parse_settings(["--kv-cache-memory", "lots"], env={})
+    with pytest.raises(SystemExit):
+        parse_settings(["--compile", "sometimes"], env={})
+
+
+def test_kv_cache_memory_and_compile_flags():
+    s = parse_settings(["--kv-cache-memory", "6GB", "--compile", "on"], env={})
+    assert (s.kv_cache_memory, s.compile) == ("6GB", "on")
+    s = parse_settings([], env={"DSVL_KV_CACHE_MEMORY": "0.5", "DSVL_COMPILE": "off"})
+    assert (s.kv_cache_memory, s.compile) == ("0.5", "off")
+    assert (parse_settings([], env={}).kv_cache_memory, parse_settings([], env={}).compile) == ("auto", "auto")
 
 
 def test_missing_model_fails_fast_with_the_options(tmp_path, monkeypatch):
@@ -74,7 +86,7 @@ def test_missing_model_fails_fast_with_the_options(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.main(["--model", "someone/not-cached-model"])
     assert time.perf_counter() - t0 < 10
-    for must in ("--model", "python -m dsvl.tiny", "HF_HUB_OFFLINE"):
+    for must in ("--model", "random:tiny", "HF_HUB_OFFLINE"):
         assert must in str(e.value.code)
     # a local path that is no checkpoint: the core's error, with the same options
     with pytest.raises(SystemExit) as e:
@@ -288,3 +300,14 @@ def test_context_line_shows_stats_budget_and_a_dropped_turns_notice():
     conv[1]["stats"]["dropped_turns"] = 2
     assert "The 2 oldest turns no longer fit" in context_html(conv, 4096, 576)
     assert "each image takes 576" in context_html([], 4096, 576)
+
+
+def test_banner_names_the_kv_memory():
+    import types
+
+    from dsvl_app.ui import banner_html
+
+    engine = types.SimpleNamespace(quantization="none", dtype="torch.bfloat16", weight_bytes=14_700_000_000,
+                                   device="cuda", max_context_tokens=4096, kv_budget_bytes=6_000_000_000,
+                                   kv_conversations=2.9, is_random=False)
+    assert "KV memory: 6.0 GB ≈ 2.9 full conversations" in banner_html(engine, Settings())

@@ -21,7 +21,7 @@ from gradio_client.exceptions import AppError
 
 from apphelpers import (CAT, CUP, LONG_PROMPT, ask, chat_args, chat_data, engine_is_free, fn_index, join, live_app,
                         load_tiny_engine, queue_drained, run_app, wait_until)
-from dsvl.generation import FAULT_ENV
+from dsvl.faults import FAULT_ENV
 from dsvl_app import history
 
 

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 import dsvl
-from dsvl.generation import (Engine, SamplingParams, StopStringFilter, _Session, image_runs, position_keys,
-                             reusable_prefix, sample, splice_replies)
+from dsvl.generation import Engine
+from dsvl.sampling import SamplingParams, StopStringFilter, sample
+from dsvl.sessions import Reply, Session, image_runs, position_keys, reusable_prefix, splice_replies
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0, stop=())
 
@@ -379,7 +380,7 @@ def test_prefix_helpers():
     ids = [1, 2] + [img] * 4 + [3, 4] + [img] * 8 + [5]
     keys = position_keys(ids, ["A", "B", "C"], img, 4)
     assert image_runs(ids, img, 4) == [2, 8, 12] and keys[2] == "A" and keys[8] == "B" and keys[12] == "C"
-    sess = _Session(cache=None, ids=list(ids), keys=list(keys))
+    sess = Session(cache=None, ids=list(ids), keys=list(keys))
     other = position_keys(ids, ["A", "B", "X"], img, 4)
     assert reusable_prefix(ids, keys, sess, image_runs(ids, img, 4), 4) == len(ids) - 1
     assert reusable_prefix(ids, other, sess, image_runs(ids, img, 4), 4) == 12  # stops at the changed image
@@ -388,10 +389,9 @@ def test_prefix_helpers():
 
 
 def test_splice_replaces_retokenised_reply_by_generated_ids():
-    from dsvl.generation import _Reply
 
     eos = 0
-    sess = _Session(cache=None, ids=[1, 2, 3, 7, 8], keys=[None] * 5, replies=[_Reply(3, [7, 8], "ab")])
+    sess = Session(cache=None, ids=[1, 2, 3, 7, 8], keys=[None] * 5, replies=[Reply(3, [7, 8], "ab")])
     decode = {(78,): "ab", (78, 9): "ab c"}.get
     ids = [1, 2, 3, 78, eos, 4, 5]
     out, keys, kept = splice_replies(ids, [None] * 7, sess, eos, lambda x: decode(tuple(x), "?"))
@@ -447,61 +447,71 @@ def test_engine_attributes(engine, tiny_checkpoint):
     assert engine.tokenizer is engine.processor.tokenizer and engine.config.text.vocab_size > engine.tokenizer.size
 
 
-def test_static_decode_step_matches_eager(engine):
-    """The CUDA-graph decode step (compile=True) computed eagerly on CPU gives the eager step's logits."""
-    from dsvl.generation import static_decode_step
-    from dsvl.llama import KVCache
+# ---- one decoder forward: fused projections, oneDNN packing ----------------------------------------------------
 
-    lm = engine.model.model.language_model
-    ids = torch.tensor([engine.tokenizer.encode("What is the capital of France?")])
-    caches = [KVCache(engine.config.text, 1, 64, torch.float32, "cpu") for _ in range(2)]
-    for c in caches:
-        lm(lm.embed_tokens(ids), torch.arange(ids.shape[1]), cache=c)
-    tok, pos = torch.tensor([[5]]), ids.shape[1]
-    eager = engine._decode_eager(tok, pos, caches[0])
-    h = static_decode_step(engine._decoder, tok, torch.tensor([[pos]]), caches[1], 32)
-    torch.testing.assert_close(engine._logits(h[:, -1]), eager, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(caches[1].k[:, :, :, :pos + 1], caches[0].k[:, :, :, :pos + 1])
+def _checkpoint_tensors(checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under our names (what ``state_dict()`` must give back), in ``dtype``."""
+    from safetensors.torch import load_file
+
+    from dsvl.loading import detect_layout, from_layout_name, weight_files
+
+    raw = {k: v for f in weight_files(checkpoint) for k, v in load_file(f).items()}
+    layout = detect_layout(list(raw))
+    out = {}
+    for name, t in raw.items():
+        for target in from_layout_name(name, layout) or []:
+            out[target.name] = t.to(dtype) if t.is_floating_point() else t
+    return out
 
 
-# ---- fused / packed decoder --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_state_dict_gives_the_checkpoints_names_and_values(tiny_checkpoint, dtype):
+    """q|k|v and gate|up are one Linear each inside the decoder, yet ``state_dict()`` has exactly the checkpoint's
+    tensors (names, shapes, values; bf16 on CPU: unpacked from oneDNN's layout), and loads back into a fresh model."""
+    from dsvl.model import DeepseekVLHybrid
 
-def test_fused_decoder_matches_the_model_and_keeps_it_usable(tiny_checkpoint):
-    """Fusing rewires the model's Linears onto the fused storage: the engine path and ``model(...)`` agree with an
-    untouched copy of the model (float32: bitwise up to BLAS blocking)."""
-    from dsvl.generation import FusedDecoder
-    from dsvl.loading import load_model
+    e = dsvl.load(str(tiny_checkpoint), device="cpu", dtype=dtype)
+    layer = e.model.model.language_model.layers[0]
+    assert not hasattr(layer.self_attn, "q_proj") and not hasattr(layer.mlp, "gate_proj")
+    want = _checkpoint_tensors(tiny_checkpoint, e.dtype)
+    got = e.model.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])][:3]
+    fresh = DeepseekVLHybrid(e.config).to(e.dtype)
+    fresh.load_state_dict(got, strict=True)
+    assert torch.equal(fresh.model.language_model.layers[0].self_attn.qkv_proj.weight,
+                       torch.cat([want[f"model.language_model.layers.0.self_attn.{n}_proj.weight"] for n in "qkv"]))
 
-    ref, _ = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32)
-    fused = dsvl.load(str(tiny_checkpoint), device="cpu", dtype="float32")
-    assert isinstance(fused._decoder, FusedDecoder) and not fused._decoder.pack
-    ids = torch.tensor([fused.tokenizer.encode("The quick brown fox jumps over the lazy dog.")])
-    with torch.no_grad():
-        want = ref(ids).logits
-        torch.testing.assert_close(fused.model(ids).logits, want, rtol=1e-5, atol=1e-5)
-        lm = fused.model.model.language_model
-        h = fused._decoder(lm.embed_tokens(ids), torch.arange(ids.shape[1]))
-        torch.testing.assert_close(fused._logits(h[:, -1]), want[:, -1, :fused.vocab_limit], rtol=1e-5, atol=1e-5)
-    # No extra memory: the split Linears are views into the fused matrices.
-    a = lm.layers[0].self_attn
-    assert a.k_proj.weight.untyped_storage().data_ptr() == a.q_proj.weight.untyped_storage().data_ptr()
-    assert fused.weight_bytes == sum(t.numel() * t.element_size() for t in [*ref.parameters(), *ref.buffers()])
+
+def test_fused_forward_matches_separate_projections(engine):
+    """The fused q|k|v and gate|up products give the separate Linears' results (float32, CPU)."""
+    layer = engine.model.model.language_model.layers[1]
+    sd = layer.state_dict()
+    x = torch.randn(1, 5, engine.config.text.hidden_size)
+    a, m = layer.self_attn, layer.mlp
+    q = torch.nn.functional.linear(x, sd["self_attn.q_proj.weight"])
+    torch.testing.assert_close(a.qkv_proj(x)[..., :q.shape[-1]], q)
+    g = torch.nn.functional.linear(x, sd["mlp.gate_proj.weight"])
+    u = torch.nn.functional.linear(x, sd["mlp.up_proj.weight"])
+    torch.testing.assert_close(m(x), m.down_proj(torch.nn.functional.silu(g) * u))
 
 
 def test_packed_bf16_path(tiny_checkpoint):
-    """CPU bfloat16: oneDNN-packed fused weights (where this CPU supports them) give the plain path's logits."""
-    from dsvl.generation import _onednn_packing_works
+    """CPU bfloat16: the decoder's Linears are oneDNN-packed at load and give the plain path's logits and greedy
+    replies; ``pack=False`` keeps plain Linears."""
+    from dsvl.packing import PackedLinear, packing_works
 
-    plain = dsvl.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16", fuse=False)
+    if not packing_works():
+        pytest.skip("this torch build / CPU has no oneDNN bf16 weight packing")
+    plain = dsvl.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16", pack=False)
     packed = dsvl.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16")
-    assert packed._decoder.pack == _onednn_packing_works()
+    kinds = {type(m) for m in packed.model.model.language_model.modules()}
+    assert PackedLinear in kinds and torch.nn.Linear not in kinds
+    assert PackedLinear not in {type(m) for m in plain.model.modules()}
     ids = torch.tensor([plain.tokenizer.encode("What is the capital of France? Paris.")])
     with torch.no_grad():
-        a, b = plain.model(ids).logits.float(), packed.model(ids).logits.float()  # model(...) still works
-        lm = packed.model.model.language_model
-        c = packed._logits(packed._decoder(lm.embed_tokens(ids), torch.arange(ids.shape[1]))[:, -1])
+        a, b = plain.model(ids).logits.float(), packed.model(ids).logits.float()
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
-    assert torch.nn.functional.cosine_similarity(a[:, -1, :plain.vocab_limit].flatten(), c.flatten(), dim=0) > 0.999
     assert packed.weight_bytes == plain.weight_bytes
     conv = [user("What is the capital of France?")]
     s = packed.stream(conv, session_id="p", max_new_tokens=6, **GREEDY)
@@ -527,12 +537,6 @@ def test_end_session_during_a_stream_does_not_block(engine):
     assert "other" not in engine.sessions
 
 
-def test_compile_is_cuda_only(tiny_checkpoint, caplog):
-    e = dsvl.load(str(tiny_checkpoint), device="cpu", dtype="float32", compile=True)
-    assert e.compiled is False and "CUDA only" in caplog.text
-    assert e.generate([user("Hi")], max_new_tokens=2, **GREEDY) is not None
-
-
 def test_cancel_while_queued_gives_up_without_running(engine):
     conv = [user("Tell me about the garden.")]
     s1 = engine.stream(conv, max_new_tokens=50, **GREEDY)
@@ -550,3 +554,59 @@ def test_cancel_while_queued_gives_up_without_running(engine):
     assert s2.stats.stop_reason == "cancelled" and s2.stats.new_tokens == 0
     s1.close()
     assert _lock_free(engine)
+
+
+# ---- sampling defaults: the checkpoint's ------------------------------------------------------------------------
+
+def test_core_greedy_is_the_reference_greedy(engine):
+    """Without sampling arguments beyond temperature=0 the core decodes plain greedy (no repetition penalty): the
+    tiny checkpoint has no generation_config.json, and the demo's defaults belong to the app."""
+    assert engine.defaults == SamplingParams()
+    conv = [user("Tell me a story about a red fox.")]
+    ids = engine.processor.prepare(conv, max_context_tokens=2048, reserve_new_tokens=10).token_ids
+    want = [t for t in plain_greedy(engine, ids, [], 10) if t != engine.eos_id]
+    assert engine.generate(conv, temperature=0, max_new_tokens=10, stop=()) == engine.tokenizer.decode(want)
+
+
+@pytest.mark.parametrize("config, want", [
+    ({"do_sample": False, "temperature": 0.7, "top_p": 0.9}, SamplingParams()),  # transformers: greedy
+    ({"do_sample": True, "temperature": 0.7, "repetition_penalty": 1.2, "max_new_tokens": 64},
+     SamplingParams(max_new_tokens=64, temperature=0.7, top_p=1.0, top_k=50, repetition_penalty=1.2)),
+    ({"do_sample": True, "top_p": 1.5}, SamplingParams()),  # invalid: ignored with a warning, greedy
+    ([1, 2], SamplingParams()),
+])
+def test_defaults_come_from_generation_config(tmp_path, config, want):
+    (tmp_path / "generation_config.json").write_text(__import__("json").dumps(config))
+    assert SamplingParams.from_generation_config(tmp_path) == want
+    assert SamplingParams.from_generation_config(tmp_path / "missing") == SamplingParams()
+    assert want.override(temperature=None, top_k=3).top_k == 3
+
+
+# ---- the compiled decode step -------------------------------------------------------------------------------------
+
+@pytest.mark.compile
+def test_compiled_step_gives_eager_greedy_tokens(engine, tiny_checkpoint):
+    """``compile="on"`` on CPU: inductor compiles the decoder's own forward with static shapes (the CUDA-graph
+    step's shapes) and decodes the same greedy tokens as eager, on a first turn and a follow-up from the cache."""
+    compiled = dsvl.load(str(tiny_checkpoint), device="cpu", dtype="float32", compile="on", max_context_tokens=2048)
+    assert compiled.compiled and compiled._decode_fn == compiled._decode_compiled
+    conv = [user("What is the capital of France?")]
+    kw = dict(GREEDY, max_new_tokens=6)
+    eager = engine.stream(conv, session_id="e", **kw)
+    first = compiled.stream(conv, session_id="c", **kw)
+    assert "".join(first) == "".join(eager) and first.generated_ids == eager.generated_ids
+    follow = conv + [assistant(first.text), user("Why?")]
+    eager2 = engine.stream(follow, session_id="e", **kw)
+    second = compiled.stream(follow, session_id="c", **kw)
+    assert "".join(second) == "".join(eager2) and second.stats.reused_tokens > 0
+    assert second.generated_ids == eager2.generated_ids
+    engine.end_session("e")
+
+
+def test_compile_modes(tiny_checkpoint):
+    from dsvl.generation import compile_mode
+
+    assert compile_mode("auto", torch.device("cuda")) and not compile_mode("auto", torch.device("cpu"))
+    assert compile_mode("on", torch.device("cpu")) and not compile_mode("off", torch.device("cuda"))
+    with pytest.raises(ValueError, match="compile must be one of auto, on, off"):
+        dsvl.load(str(tiny_checkpoint), device="cpu", compile="sometimes")

@@ -254,6 +254,7 @@ def test_offline_hub_id_gives_actionable_error(tmp_path):
 def test_quantization_hook_runs_per_shard(tmp_path, monkeypatch):
     small_shards = write_checkpoint(tmp_path / "q", shard_bytes=200_000)  # decoder layers spread over shards
     calls: list[tuple[str, bool]] = []
+    seen_weights: list = []
     holder: dict = {}
 
     class Quantized(torch.nn.Module):
@@ -269,6 +270,7 @@ def test_quantization_hook_runs_per_shard(tmp_path, monkeypatch):
 
     def quantize_linear(linear, mode, name):
         assert not linear.weight.is_meta and mode == "int8"
+        seen_weights.append((linear, linear.weight.detach().clone()))  # what a real quantizer would have read
         calls.append((mode, holder["model"].lm_head.weight.is_meta if "model" in holder else None))
         return Quantized(linear, mode)
 
@@ -285,10 +287,17 @@ def test_quantization_hook_runs_per_shard(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dsvl.model.DeepseekVLHybrid, "__init__", spy_init)
     model, info = load_model(small_shards, device="cpu", dtype=torch.float32, quantization="int8")
-    n = model.config.text.num_hidden_layers * 7
+    n = model.config.text.num_hidden_layers * 4  # qkv_proj, o_proj, gate_up_proj, down_proj: fused, then quantized
     assert len(calls) == n == len(info.quantized)
     assert all(n.startswith("model.language_model.layers.") for n in info.quantized)
-    assert isinstance(model.model.language_model.layers[0].mlp.up_proj, Quantized)
+    assert isinstance(model.model.language_model.layers[0].mlp.gate_up_proj, Quantized)
+    # A fused Linear is quantized only once all its parts (possibly in different shards) were copied in.
+    assert all(torch.equal(linear.weight, w) for linear, w in seen_weights)
+    ref, _ = load_model(small_shards, device="cpu", dtype=torch.float32)
+    for i, layer in enumerate(ref.model.language_model.layers):
+        got = model.model.language_model.layers[i]
+        assert torch.equal(got.self_attn.qkv_proj.linear.weight, layer.self_attn.qkv_proj.weight)
+        assert torch.equal(got.mlp.gate_up_proj.linear.weight, layer.mlp.gate_up_proj.weight)
     assert isinstance(model.lm_head, torch.nn.Linear)
     # Streaming: some layers were quantized while later shards (lm_head is written last) were still unread.
     assert any(lm_head_pending for _, lm_head_pending in calls)

@@ -35,7 +35,7 @@ def test_quantized_logits_and_memory(full, tiny_checkpoint, mode, max_ratio, min
     q = dsvl.load(str(tiny_checkpoint), device="cpu", dtype="float32", quantization=mode)
     assert q.quantization == check_mode(mode)  # the old names select bnb-int8 / bnb-nf4
     names = [n for n, m in q.model.named_modules() if is_quantizable(n)]
-    assert len(names) == 7 * q.config.text.num_hidden_layers
+    assert len(names) == 4 * q.config.text.num_hidden_layers  # qkv_proj, o_proj, gate_up_proj, down_proj
     import bitsandbytes as bnb
     kind = bnb.nn.Linear4bit if mode == "nf4" else bnb.nn.Linear8bitLt
     assert all(isinstance(q.model.get_submodule(n), kind) for n in names)
@@ -49,13 +49,40 @@ def test_quantized_logits_and_memory(full, tiny_checkpoint, mode, max_ratio, min
     assert cos >= min_cos, cos
     assert F.cosine_similarity(a, b, dim=-1).min().item() >= min_cos - 0.02
 
-    now, sixteen = quantized_layer_bytes(q.model)
-    assert now <= max_ratio * sixteen, (now, sixteen)
+    _assert_layers_within(q.model, max_ratio)
     assert q.weight_bytes < full.weight_bytes
     assert weight_bytes(q.model) < full.weight_bytes
     # Generation runs end to end on the quantized model.
     s = q.stream([{"role": "user", "content": "Hi"}], max_new_tokens=4, temperature=0, stop=())
     assert len(list(s)) >= 0 and s.stats.new_tokens == 4
+
+
+def _assert_layers_within(model, max_ratio):
+    """Every quantized layer, and all of them together, take at most `max_ratio` of their 16-bit size."""
+    sizes = quantized_layer_bytes(model)
+    for name, (now, sixteen) in sizes.items():
+        assert now <= max_ratio * sixteen, (name, now, sixteen)
+    now, sixteen = map(sum, zip(*sizes.values()))
+    assert now <= max_ratio * sixteen, (now, sixteen)
+
+
+def test_nf4_memory_check_catches_a_layer_that_is_not_4bit(tiny_checkpoint):
+    """The tiny model's 64-wide layers are as small as layers get: bitsandbytes' per-layer code tables (1 KB) would
+    outweigh their 2 KB of 4-bit weights if every layer kept its own copy. They are shared, so the bound measures
+    4-bit storage; and one layer left at 8 or 16 bits breaks it."""
+    q = dsvl.load(str(tiny_checkpoint), device="cpu", dtype="float32", quantization="nf4")
+    _assert_layers_within(q.model, 0.3)
+    sizes = quantized_layer_bytes(q.model)
+    tables = {id(q.model.get_submodule(n).weight.quant_state.state2.code) for n in sizes}
+    assert len(tables) == 1  # one copy of the constant table for all layers
+    name = next(n for n in sizes if n.endswith("q_proj"))  # the smallest kind of layer
+    parent, _, child = name.rpartition(".")
+    shape = q.model.get_submodule(name).in_features, q.model.get_submodule(name).out_features
+    for mode in ("16-bit", "int8"):
+        layer = nn.Linear(*shape, bias=False)
+        setattr(q.model.get_submodule(parent), child, layer if mode == "16-bit" else quantize_linear(layer, "int8"))
+        with pytest.raises(AssertionError):
+            _assert_layers_within(q.model, 0.3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

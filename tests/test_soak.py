@@ -25,7 +25,8 @@ from dsvl_app.runtime import generation_params
 CLIENTS = 8
 TURNS = 5
 MAX_NEW_TOKENS = 6
-MAX_SESSIONS = 8  # KV caches kept (one per client: a replayed conversation then matches token for token)
+MAX_SESSIONS = CLIENTS  # KV caches kept: the default KV budget holds one per client (a replayed conversation then
+# matches token for token)
 IMAGE_CACHE = 12  # image features kept: fewer than the 17 distinct images, so the LRU evicts
 ROUNDS = 3
 LIVE_GROWTH_LIMIT = 384 * 2**20  # memory in use after the first round, over the warm-up
@@ -60,14 +61,14 @@ class Monitor(threading.Thread):
 
     def run(self):
         while not self.stop.is_set():
-            self.samples.append((rss_bytes(), len(self.engine._sessions), len(self.engine._features)))
+            self.samples.append((rss_bytes(), self.engine.kv_stats()["sessions_cached"], len(self.engine._features)))
             self.stop.wait(0.2)
 
 
 @pytest.mark.soak
 def test_soak_8_clients_5_turns_with_images(tiny_checkpoint, tmp_path):
     t_start = time.perf_counter()
-    engine = load_tiny_engine(tiny_checkpoint, max_sessions=MAX_SESSIONS, image_cache_size=IMAGE_CACHE)
+    engine = load_tiny_engine(tiny_checkpoint, image_cache_size=IMAGE_CACHE)
     scripts = [script(i, tmp_path) for i in range(CLIENTS)]
     with live_app(engine, tiny_checkpoint, max_images=4, concurrency=1, max_queue=32) as (demo, url):
         rt = demo.dsvl_runtime
