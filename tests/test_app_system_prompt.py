@@ -24,7 +24,7 @@ CHROMIUM = os.environ.get("DSVL_CHROMIUM", "/usr/bin/chromium")
 @pytest.fixture(scope="module")
 def recorded(tiny_checkpoint):
     """(engine, list of the message lists the engine was asked to answer)."""
-    engine = load_tiny_engine(tiny_checkpoint)
+    engine = load_tiny_engine(tiny_checkpoint, dtype="float32")
     seen: list[list[dict]] = []
     stream = engine.stream
 
