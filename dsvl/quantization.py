@@ -201,8 +201,13 @@ def _module_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
-    # The same memory (tied weights), not just the same storage; tensors without memory (meta) are all distinct.
-    return t.device, t.data_ptr() or id(t), t.numel(), t.dtype
+    # The same memory (tied weights), not just the same storage; tensors without memory (meta) or without a plain
+    # storage (oneDNN-packed weights) are all distinct.
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:
+        ptr = 0
+    return t.device, ptr or id(t), t.numel(), t.dtype
 
 
 def _tensor_bytes(t: torch.Tensor | None) -> int:

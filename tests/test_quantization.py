@@ -67,7 +67,7 @@ def _assert_layers_within(model, max_ratio):
 
 
 def test_nf4_memory_check_catches_a_layer_that_is_not_4bit(tiny_checkpoint):
-    """The tiny model's 64-wide layers are as small as layers get: bitsandbytes' per-layer code tables (1 KB) would
+    """The tiny model's 64×64 o_proj layers are as small as layers get: bitsandbytes' per-layer code tables (1 KB) would
     outweigh their 2 KB of 4-bit weights if every layer kept its own copy. They are shared, so the bound measures
     4-bit storage; and one layer left at 8 or 16 bits breaks it."""
     q = dsvl.load(str(tiny_checkpoint), device="cpu", dtype="float32", quantization="nf4")
@@ -75,7 +75,7 @@ def test_nf4_memory_check_catches_a_layer_that_is_not_4bit(tiny_checkpoint):
     sizes = quantized_layer_bytes(q.model)
     tables = {id(q.model.get_submodule(n).weight.quant_state.state2.code) for n in sizes}
     assert len(tables) == 1  # one copy of the constant table for all layers
-    name = next(n for n in sizes if n.endswith("q_proj"))  # the smallest kind of layer
+    name = next(n for n in sizes if n.endswith("o_proj"))  # the smallest kind of layer (hidden x hidden)
     parent, _, child = name.rpartition(".")
     shape = q.model.get_submodule(name).in_features, q.model.get_submodule(name).out_features
     for mode in ("16-bit", "int8"):
