@@ -2,6 +2,7 @@
 
     python bench/bench.py --preset mid --dtype float32          # CPU (full-size vision, 2 decoder layers)
     python bench/bench.py --preset 7b --dtype bfloat16 [--quantization nf4]   # GPU
+    python bench/bench.py --preset 1.3b --dtype bfloat16        # DeepSeek-VL 1.3B chat, full size, CPU
     python bench/bench.py --preset mid --dtype bfloat16 --dsvl-modes int8-wo,int4-wo,bnb-nf4 \
         --transformers-modes bnb-nf4 --no-full-head-run           # quantized modes side by side (CPU)
 
@@ -158,10 +159,13 @@ def run_transformers(a: argparse.Namespace) -> dict:
             bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True, llm_int8_skip_modules=skip)
     if a.device.startswith("cuda"):
         kwargs["device_map"] = a.device
-    model = transformers.DeepseekVLHybridForConditionalGeneration.from_pretrained(a.checkpoint, **kwargs).eval()
+    hybrid = json.loads((Path(a.checkpoint) / "config.json").read_text())["model_type"] == "deepseek_vl_hybrid"
+    cls = (transformers.DeepseekVLHybridForConditionalGeneration if hybrid
+           else transformers.DeepseekVLForConditionalGeneration)  # the 1.3B model: SigLIP only
+    model = cls.from_pretrained(a.checkpoint, **kwargs).eval()
     processor = transformers.AutoProcessor.from_pretrained(a.checkpoint)
     load_s = time.perf_counter() - t0
-    size = len(processor.tokenizer)  # ids the tokenizer can decode; the rest must be masked (reference §6.7)
+    size = len(processor.tokenizer)  # ids the tokenizer can decode; the rest must be masked (docs/MODEL.md §5)
 
     class MaskUndecodable(transformers.LogitsProcessor):
         """Slice assignment (``suppress_tokens`` would run an isin over the vocabulary every step)."""
@@ -207,7 +211,8 @@ def run_transformers(a: argparse.Namespace) -> dict:
         inputs = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                return_tensors="pt").to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        inputs["high_res_pixel_values"] = inputs["high_res_pixel_values"].to(dtype)
+        if "high_res_pixel_values" in inputs:
+            inputs["high_res_pixel_values"] = inputs["high_res_pixel_values"].to(dtype)
         streamer = Times()
         with torch.no_grad():
             model.generate(**inputs, max_new_tokens=a.new_tokens, do_sample=False,
@@ -389,7 +394,7 @@ def _fmt(v, ratio: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=["tiny", "mid", "7b"], default="mid")
+    p.add_argument("--preset", choices=["tiny", "mid", "7b", "1.3b-tiny", "1.3b"], default="mid")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default=None, help="default: cpu for tiny/mid, cuda for 7b")
     p.add_argument("--quantization", default="none",

@@ -1,4 +1,4 @@
-"""dsvl: DeepSeek-VL 7B chat ("hybrid") in plain PyTorch.
+"""dsvl: DeepSeek-VL 7B chat ("hybrid": SigLIP + SAM) and DeepSeek-VL 1.3B chat (SigLIP only) in plain PyTorch.
 
     engine = dsvl.load("deepseek-community/deepseek-vl-7b-chat")
     for delta in engine.stream([{"role": "user", "content": [{"type": "image", "path": "cat.png"},

@@ -1,6 +1,12 @@
 """Model configuration, read from a checkpoint's ``config.json`` (the transformers "converted" layout).
 
-Three dataclasses mirror the three sub-configs of ``DeepseekVLHybridConfig``; their defaults are the
+Two families share this config:
+- the hybrid (``model_type: deepseek_vl_hybrid``, ``deepseek-community/deepseek-vl-7b-chat``): SigLIP-L at
+  384 px + SAM-B at 1024 px, a split aligner, a 7B decoder;
+- the SigLIP-only model (``model_type: deepseek_vl``, ``deepseek-community/deepseek-vl-1.3b-chat``): no SAM
+  tower (``high_res_vision is None``), a two-layer GELU aligner, a 1.3B decoder.
+
+Three dataclasses mirror the sub-configs of ``DeepseekVLHybridConfig``; their defaults are the
 values of ``deepseek-community/deepseek-vl-7b-chat`` (not the transformers class defaults, which
 describe a different model: LLaMA-7B text, SigLIP-B at 224 px with a tanh GELU and a pooling head).
 
@@ -121,13 +127,19 @@ class SamConfig:
         return self.image_size // self.patch_size
 
 
+HYBRID_TYPE, SIGLIP_ONLY_TYPE = "deepseek_vl_hybrid", "deepseek_vl"  # config.json model_type of each family
+# The published chat model of each family: (name people know it by, hub id).
+CHAT_MODELS = {HYBRID_TYPE: ("DeepSeek-VL 7B chat", "deepseek-community/deepseek-vl-7b-chat"),
+               SIGLIP_ONLY_TYPE: ("DeepSeek-VL 1.3B chat", "deepseek-community/deepseek-vl-1.3b-chat")}
+
+
 @dataclass
 class DsvlConfig:
-    """The whole hybrid model: ``text`` + ``vision`` (SigLIP) + ``high_res_vision`` (SAM)."""
+    """The whole model: ``text`` + ``vision`` (SigLIP) + ``high_res_vision`` (SAM; None for the 1.3B family)."""
 
     text: TextConfig = field(default_factory=TextConfig)
     vision: SiglipConfig = field(default_factory=SiglipConfig)
-    high_res_vision: SamConfig = field(default_factory=SamConfig)
+    high_res_vision: SamConfig | None = field(default_factory=SamConfig)
     image_token_id: int = 100015
     # The 7B chat model has an untied lm_head; tying also requires the checkpoint to lack lm_head.weight.
     tie_word_embeddings: bool = False
@@ -141,12 +153,27 @@ class DsvlConfig:
     def validate(self) -> None:
         self.text.validate()
         self.vision.validate()
-        self.high_res_vision.validate()
+        if self.high_res_vision is not None:
+            self.high_res_vision.validate()
         if not isinstance(self.image_token_id, int) or not 0 <= self.image_token_id < self.text.vocab_size:
             raise ConfigError(f"image_token_id: {self.image_token_id!r} is not a valid id for vocab_size "
                               f"{self.text.vocab_size}")
         if self.torch_dtype not in (None, "float32", "float16", "bfloat16"):
             raise ConfigError(f"torch_dtype: unsupported dtype {self.torch_dtype!r}")
+
+    @property
+    def hybrid(self) -> bool:
+        """True for the SigLIP + SAM model (7B), False for the SigLIP-only one (1.3B)."""
+        return self.high_res_vision is not None
+
+    @property
+    def model_type(self) -> str:
+        return HYBRID_TYPE if self.hybrid else SIGLIP_ONLY_TYPE
+
+    @property
+    def display_name(self) -> str:
+        """What the app calls the loaded model: the chat model of this family ("DeepSeek-VL 1.3B chat")."""
+        return CHAT_MODELS[self.model_type][0]
 
     @property
     def num_image_tokens(self) -> int:
@@ -160,6 +187,7 @@ class DsvlConfig:
             raise ConfigError(f"config: expected a JSON object, got {type(d).__name__}")
         if "text_config" not in d and "language_config" in d:
             d = _from_original_schema(d)
+        hybrid = d.get("model_type") != SIGLIP_ONLY_TYPE
         text = dict(_section(d, "text_config"))
         # transformers 5 moved rope_theta into rope_parameters; 4.x keeps it at the top.
         rope = text.pop("rope_parameters", None) or text.pop("rope_scaling", None)
@@ -173,14 +201,15 @@ class DsvlConfig:
         if "mlp_dim" not in sam and "mlp_ratio" in sam and "hidden_size" in sam:
             sam["mlp_dim"] = int(sam["hidden_size"] * sam["mlp_ratio"])
         dtype = d.get("dtype", d.get("torch_dtype", "bfloat16"))
+        # Top level wins (transformers reads it there), else the text config's, else the class default of
+        # transformers: False for the hybrid, True for DeepseekVLConfig (the loader still uses a stored lm_head).
+        tie = d.get("tie_word_embeddings", text.get("tie_word_embeddings", not hybrid))
         return cls(
             text=_build(TextConfig, text, "text_config"),
             vision=_build(SiglipConfig, _section(d, "vision_config"), "vision_config"),
-            high_res_vision=_build(SamConfig, sam, "high_res_vision_config"),
+            high_res_vision=_build(SamConfig, sam, "high_res_vision_config") if hybrid else None,
             image_token_id=_typed(d.get("image_token_id", 100015), int, "image_token_id"),
-            # Top level wins (transformers reads it there); else the text config's; the 7B chat model is untied.
-            tie_word_embeddings=_typed(d.get("tie_word_embeddings", text.get("tie_word_embeddings", False)), bool,
-                                       "tie_word_embeddings"),
+            tie_word_embeddings=_typed(tie, bool, "tie_word_embeddings"),
             torch_dtype=dtype,
             random_weights=bool(d.get("dsvl_random_weights", False)),
         )
@@ -208,19 +237,15 @@ class DsvlConfig:
                     tie_word_embeddings=self.tie_word_embeddings)
         vision = {k: getattr(v, k) for k in _field_names(SiglipConfig)}
         vision.update(model_type="siglip_vision_model", vision_use_head=False)
-        sam = {k: getattr(s, k) for k in _field_names(SamConfig)}
-        sam.update(model_type="sam_vision_model", global_attn_indexes=list(s.global_attn_indexes),
-                   mlp_ratio=s.mlp_dim / s.hidden_size)
-        out = {
-            "architectures": ["DeepseekVLHybridForConditionalGeneration"],
-            "model_type": "deepseek_vl_hybrid",
-            "text_config": text,
-            "vision_config": vision,
-            "high_res_vision_config": sam,
-            "image_token_id": self.image_token_id,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "dtype": self.torch_dtype,
-        }
+        arch = "DeepseekVLHybridForConditionalGeneration" if self.hybrid else "DeepseekVLForConditionalGeneration"
+        out = {"architectures": [arch], "model_type": self.model_type, "text_config": text, "vision_config": vision}
+        if s is not None:
+            sam = {k: getattr(s, k) for k in _field_names(SamConfig)}
+            sam.update(model_type="sam_vision_model", global_attn_indexes=list(s.global_attn_indexes),
+                       mlp_ratio=s.mlp_dim / s.hidden_size)
+            out["high_res_vision_config"] = sam
+        out.update(image_token_id=self.image_token_id, tie_word_embeddings=self.tie_word_embeddings,
+                   dtype=self.torch_dtype)
         if self.random_weights:
             out["dsvl_random_weights"] = True
         return out
@@ -228,14 +253,14 @@ class DsvlConfig:
     # ---- presets --------------------------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, vocab_size: int = 1024, image_token_id: int = 1000) -> "DsvlConfig":
+    def tiny(cls, vocab_size: int = 1024, image_token_id: int = 1000, hybrid: bool = True) -> "DsvlConfig":
         """Narrow and shallow, but with the real image geometry (384/1024 px, 576 tokens)."""
         return cls(
             text=TextConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                             intermediate_size=128, vocab_size=vocab_size, max_position_embeddings=4096),
             vision=SiglipConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
             high_res_vision=SamConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_dim=64,
-                                      output_channels=16, global_attn_indexes=(1, 3)),
+                                      output_channels=16, global_attn_indexes=(1, 3)) if hybrid else None,
             image_token_id=image_token_id,
             torch_dtype="float32",
             random_weights=True,
@@ -246,19 +271,29 @@ class DsvlConfig:
         """Full-size vision towers and vocabulary, 2 full-width decoder layers (CPU benchmark preset)."""
         return cls(text=TextConfig(num_hidden_layers=2), random_weights=True)
 
+    @classmethod
+    def siglip_only_1_3b(cls) -> "DsvlConfig":
+        """``deepseek-community/deepseek-vl-1.3b-chat``: SigLIP-L/16-384, no SAM, DeepSeek-LLM-1.3B (24 layers,
+        width 2048, 16 heads). The MLP width 5632 is the published DeepSeek-LLM-1.3B value, not read from the
+        hub config here; a real checkpoint's config.json always wins."""
+        return cls(text=TextConfig(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                                   num_key_value_heads=16, intermediate_size=5632),
+                   high_res_vision=None)
+
 
 # ---- helpers ------------------------------------------------------------------------------------
 
 
 def _from_original_schema(d: dict[str, Any]) -> dict[str, Any]:
     """deepseek-ai's own config.json (``model_type: multi_modality``): ``language_config`` is a LlamaConfig;
-    the vision towers are named presets (``HybridVisionTower`` = SigLIP-L/16-384 + SAM-B), so they take the 7B
-    defaults here. Only the hybrid tower is supported (the 1.3B model is a different architecture)."""
+    the vision towers are named presets, so they take the defaults here: ``HybridVisionTower`` = SigLIP-L/16-384
+    + SAM-B (7B), ``CLIPVisionTower`` = SigLIP-L/16-384 alone (1.3B, aligner ``mlp_gelu``)."""
     vision = d.get("vision_config") or {}
     cls = vision.get("cls") if isinstance(vision, dict) else None
-    if cls not in (None, "HybridVisionTower"):
-        raise ConfigError(f"vision_config.cls: only the hybrid tower (HybridVisionTower) is supported, got {cls!r}")
-    return {"text_config": d["language_config"], "image_token_id": d.get("image_token_id", 100015),
+    if cls not in (None, "HybridVisionTower", "CLIPVisionTower"):
+        raise ConfigError(f"vision_config.cls: expected HybridVisionTower or CLIPVisionTower, got {cls!r}")
+    return {"model_type": SIGLIP_ONLY_TYPE if cls == "CLIPVisionTower" else HYBRID_TYPE,
+            "text_config": d["language_config"], "image_token_id": d.get("image_token_id", 100015),
             "tie_word_embeddings": d.get("tie_word_embeddings", False),
             "dtype": d.get("dtype", d.get("torch_dtype", "bfloat16"))}
 

@@ -161,6 +161,9 @@ class Engine:
             processor = Processor.from_dir(path, **({"max_image_pixels": max_image_pixels} if max_image_pixels else {}))
         except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception on a corrupt tokenizer.json)
             raise CheckpointError(f"{path}: cannot read the tokenizer/processor files ({e})") from None
+        if processor.image_processor.hybrid != config.hybrid:
+            raise CheckpointError(f"{path}: config.json describes a {config.model_type} model but the image processor "
+                                  "files are for the other DeepSeek-VL family")
         net, info = load_model(path, device=dev, dtype=dt, quantization=mode, config=config,
                                pack=options.pop("pack", None))
         engine = cls(net, processor, device=dev, dtype=dt, quantization=mode, max_context_tokens=max_context_tokens,
@@ -305,7 +308,8 @@ class Engine:
                     raise _Cancelled
                 t0 = time.perf_counter()
                 pv, hpv = self.processor.image_processor([image])
-                f = self.model.get_image_features(pv.to(self.device, self.dtype), hpv.to(self.device, self.dtype))[0]
+                hpv = None if hpv is None else hpv.to(self.device, self.dtype)  # None: SigLIP-only model
+                f = self.model.get_image_features(pv.to(self.device, self.dtype), hpv)[0]
                 stats.image_encode_s += time.perf_counter() - t0
                 stats.images_encoded += 1
                 self._features.put(key, f)

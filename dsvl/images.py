@@ -8,6 +8,9 @@
 3. low-res: bilinear resize of that padded uint8 1024 image to 384x384;
 4. x/255 then per-branch normalisation (CLIP mean/std for high-res, 0.5/0.5 for low-res), float32.
 
+The SigLIP-only 1.3B model (`hybrid=False`, transformers' `DeepseekVLImageProcessor`) has one branch: resize so
+the longest side is `size` (384) with `resample`, pad with int(image_mean*255), rescale and normalise.
+
 Intentional differences from transformers (which leaves decoding to the caller):
 - EXIF orientation is applied (`ImageOps.exif_transpose`), so phone photos are upright.
 - Transparent pixels are composited on white (transformers' `convert_rgb` does the same for RGBA; a bare
@@ -55,8 +58,16 @@ class ImageError(ValueError):
     """An input could not be turned into an image; the message names the input and the reason."""
 
 
-def preprocessor_config() -> dict[str, Any]:
-    """`preprocessor_config.json` with the values the HF conversion script passes (docs/MODEL.md §4)."""
+def preprocessor_config(hybrid: bool = True) -> dict[str, Any]:
+    """`preprocessor_config.json` with the values the HF conversion script passes (docs/MODEL.md §4). For the
+    SigLIP-only model: transformers' DeepseekVLImageProcessor at 384 px with SigLIP's 0.5/0.5 normalisation."""
+    if not hybrid:
+        return {
+            "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+            "image_mean": list(IMAGENET_STANDARD_MEAN), "image_processor_type": "DeepseekVLImageProcessor",
+            "image_std": list(IMAGENET_STANDARD_STD), "min_size": 14, "processor_class": "DeepseekVLProcessor",
+            "resample": PIL_BICUBIC, "rescale_factor": 1 / 255, "size": {"height": 384, "width": 384},
+        }
     return {
         "background_color": [int(m * 255) for m in IMAGENET_STANDARD_MEAN],
         "do_normalize": True,
@@ -278,6 +289,15 @@ def _side(value: Any, key: str) -> int:
     raise ValueError(f"{key} must be a square size (height == width), got {value!r}")
 
 
+def _is_hybrid(kind: str, cfg: Mapping[str, Any]) -> bool:
+    """DeepseekVLHybrid* (7B) or DeepseekVL* (1.3B, one branch); a file that names neither: its keys decide."""
+    if "Hybrid" in kind:
+        return True
+    if kind.startswith("DeepseekVL"):
+        return False
+    return "high_res_size" in cfg or "size" not in cfg  # (no keys at all: the 7B defaults, as before)
+
+
 def _resample(value: Any) -> int:
     return _RESAMPLE_NAMES[value.lower()] if isinstance(value, str) else int(value)
 
@@ -298,18 +318,23 @@ class ImageProcessor:
     image_std: tuple[float, float, float] = IMAGENET_STANDARD_STD
     high_res_image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     high_res_image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    hybrid: bool = True  # False: the SigLIP-only model's single 384 px branch, no high-res tensor
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "ImageProcessor":
         """From `preprocessor_config.json` contents. The original DeepSeek file (`VLMImageProcessor`, which
         normalises inside the model instead) maps to the HF-converted defaults, which the model code expects."""
-        if cfg.get("image_processor_type") == "VLMImageProcessor":
-            return cls()
+        kind = str(cfg.get("image_processor_type") or "")
+        if kind == "VLMImageProcessor":  # 1024 px: the hybrid's; 384 px: the SigLIP-only model's
+            hybrid = int(cfg.get("image_size") or 1024) > 384
+            return cls() if hybrid else cls.from_dict(preprocessor_config(hybrid=False))
         if not cfg.get("do_resize", True) or not cfg.get("do_pad", True):
             raise ValueError("do_resize=false / do_pad=false are not supported: the model needs square inputs")
-        d = preprocessor_config()
+        hybrid = _is_hybrid(kind or str(cfg.get("processor_class") or ""), cfg)
+        d = {**preprocessor_config(), **preprocessor_config(hybrid)}
         get = lambda key: cfg.get(key, d[key]) if cfg.get(key) is not None else d[key]  # noqa: E731
         return cls(
+            hybrid=hybrid,
             size=_side(get("size"), "size"),
             high_res_size=_side(get("high_res_size"), "high_res_size"),
             min_size=int(get("min_size")),
@@ -367,17 +392,21 @@ class ImageProcessor:
 
     def high_res_uint8(self, image: Image.Image) -> np.ndarray:
         """Steps 1-2: the padded high_res_size x high_res_size uint8 HWC image."""
+        return self._square_uint8(image, self.high_res_size, self.high_res_resample, self.high_res_background)
+
+    def _square_uint8(self, image: Image.Image, target: int, resample: int, background: Sequence[int]) -> np.ndarray:
+        """Resize so the longest side is `target` (each side at least min_size), then pad to a square."""
         if image.mode != "RGB":
             image = _to_rgb(image)
         w, h = image.size
-        scale = self.high_res_size / max(h, w)
+        scale = target / max(h, w)
         new_h, new_w = max(round(h * scale), self.min_size), max(round(w * scale), self.min_size)
-        resized = np.asarray(image.resize((new_w, new_h), resample=self.high_res_resample))
+        resized = np.asarray(image.resize((new_w, new_h), resample=resample))
         if new_h == new_w:
             return resized
         side = max(new_h, new_w)
         padded = np.empty((side, side, 3), dtype=np.uint8)
-        padded[:] = np.asarray(self.high_res_background, dtype=np.uint8)
+        padded[:] = np.asarray(background, dtype=np.uint8)
         if new_w > new_h:
             top = (side - new_h) // 2
             padded[top : top + new_h] = resized
@@ -386,18 +415,26 @@ class ImageProcessor:
             padded[:, left : left + new_w] = resized
         return padded
 
-    def process_one(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        """(low-res (3,size,size), high-res (3,high,high)) float32 arrays for one image."""
+    def process_one(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+        """(low-res (3,size,size), high-res (3,high,high) or None) float32 arrays for one image."""
+        if not self.hybrid:
+            background = tuple(int(m * 255) for m in self.image_mean)
+            return self._apply_lut(self._square_uint8(image, self.size, self.resample, background), self._low_lut), None
         high = self.high_res_uint8(image)
         # Low-res input = the padded uint8 high-res image resized (as HF does; not the original image).
         low = np.asarray(Image.fromarray(high).resize((self.size, self.size), resample=self.resample))
         return self._apply_lut(low, self._low_lut), self._apply_lut(high, self._high_lut)
 
-    def __call__(self, images: Sequence[Image.Image] | Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pixel_values (N,3,size,size), high_res_pixel_values (N,3,high,high)) float32 CPU tensors."""
+    def __call__(self, images: Sequence[Image.Image] | Image.Image) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pixel_values (N,3,size,size), high_res_pixel_values (N,3,high,high)) float32 CPU tensors; the second is
+        None for the SigLIP-only model."""
         if isinstance(images, Image.Image):
             images = [images]
         low = np.empty((len(images), 3, self.size, self.size), dtype=np.float32)
+        if not self.hybrid:
+            for i, image in enumerate(images):
+                low[i] = self.process_one(image)[0]
+            return torch.from_numpy(low), None
         high = np.empty((len(images), 3, self.high_res_size, self.high_res_size), dtype=np.float32)
         for i, image in enumerate(images):
             low[i], high[i] = self.process_one(image)

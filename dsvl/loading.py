@@ -8,6 +8,9 @@ Three key layouts are accepted and mapped onto our (= transformers 5 in-memory) 
 - ``original``: ``deepseek-ai/deepseek-vl-7b-chat`` names (fused SigLIP qkv split into q/k/v, ``pos_embed``
   squeezed, the unused ``high_layer_norm``/``low_layer_norm``/``attn_pool`` tensors ignored).
 
+The SigLIP-only 1.3B model uses the same three layouts; only its original names differ: SigLIP sits under
+``vision_model.vision_tower.`` (no ``_low``) and the aligner is ``aligner.layers.{0,2}`` (our ``linear{1,2}``).
+
 Loading builds the model on ``meta`` and assigns tensors one by one, read with plain file reads at the offsets of
 the safetensors header (``safe_open`` validates each file first). Reading through an mmap would leave every
 touched page of the current shard resident (file-backed pages count in RSS), so peak RSS would be the weights
@@ -54,6 +57,7 @@ class CheckpointError(RuntimeError):
 
 _SAM_O = "vision_model.vision_tower_high.vision_tower."
 _SIG_O = "vision_model.vision_tower_low.vision_tower."
+_SIG_O_SIGLIP_ONLY = "vision_model.vision_tower."  # the 1.3B model's single tower
 _SAM = "model.high_res_vision_model.vision_encoder."
 _SIG = "model.vision_model."
 
@@ -85,6 +89,8 @@ _ORIGINAL_PREFIXES: list[tuple[str, str]] = [
     ("model.aligner.high_res_vision_proj.", "aligner.high_up_proj."),
     ("model.aligner.vision_proj.", "aligner.low_up_proj."),
     ("model.aligner.proj.", "aligner.layers.1."),
+    ("model.aligner.linear1.", "aligner.layers.0."),  # 1.3B: Sequential(Linear, GELU, Linear)
+    ("model.aligner.linear2.", "aligner.layers.2."),
     ("model.language_model.", "language_model.model."),
     ("lm_head.weight", "language_model.lm_head.weight"),
 ]
@@ -111,8 +117,11 @@ def _swap_prefix(name: str, rules: list[tuple[re.Pattern[str], str]]) -> str | N
     return None
 
 
-def to_layout_name(name: str, layout: str) -> str:
+def to_layout_name(name: str, layout: str, hybrid: bool = True) -> str:
     """Our name -> the name in ``layout`` (for the original layout the fused qkv name for q/k/v_proj)."""
+    if layout == "original" and not hybrid:
+        out = to_layout_name(name, layout)
+        return _SIG_O_SIGLIP_ONLY + out[len(_SIG_O):] if out.startswith(_SIG_O) else out
     if layout == "transformers5":
         return name
     if layout == "converted":
@@ -147,6 +156,8 @@ def from_layout_name(name: str, layout: str) -> list[Target] | None:
         inner = "model.vision_model.vision_model."
         return [Target(_SIG + name[len(inner):] if name.startswith(inner) else name)]
     if layout == "original":
+        if name.startswith(_SIG_O_SIGLIP_ONLY):
+            name = _SIG_O + name[len(_SIG_O_SIGLIP_ONLY):]
         if name.startswith(ORIGINAL_IGNORED):
             return None
         if name == _SIG_POS_O:
@@ -164,12 +175,12 @@ def detect_layout(names: list[str]) -> str:
     """Tell the three layouts apart from the stored tensor names."""
     if any(n.startswith("model.vision_model.vision_model.") for n in names):
         return "converted"
-    if any(n.startswith(("vision_model.vision_tower_", "language_model.model.")) for n in names):
+    if any(n.startswith(("vision_model.vision_tower", "language_model.model.")) for n in names):
         return "original"
     if any(n.startswith(("model.vision_model.", "model.language_model.")) for n in names):
         return "transformers5"
     sample = ", ".join(names[:3])
-    raise CheckpointError(f"unrecognised weight names (e.g. {sample}): not a DeepSeek-VL hybrid checkpoint in the "
+    raise CheckpointError(f"unrecognised weight names (e.g. {sample}): not a DeepSeek-VL checkpoint in the "
                           "converted, transformers-5 or original deepseek-ai layout")
 
 
@@ -489,7 +500,7 @@ def load_model(checkpoint_dir: str | Path, *, device: torch.device | str = "cpu"
     missing = [n for n in expected if n not in found and not (tie and n == "lm_head.weight")]
     if missing:
         name = missing[0]
-        stored_name = to_layout_name(name, layout)
+        stored_name = to_layout_name(name, layout, config.hybrid)
         where = _index_file(checkpoint_dir, stored_name) or ", ".join(f.name for f in files)
         raise CheckpointError(f"{checkpoint_dir}: tensor {stored_name} ({len(missing)} missing in all) not found "
                               f"in {where}" + (" (the config has tie_word_embeddings=false, so lm_head.weight "

@@ -1,6 +1,11 @@
 """``DeepseekVLHybrid``: SigLIP-L (384 px) + SAM-B (1024 px) towers, the high-res glue, the hybrid aligner, the
 LLaMA decoder and ``lm_head`` (docs/MODEL.md §1-3).
 
+The same class is the SigLIP-only DeepSeek-VL 1.3B (transformers' ``DeepseekVLForConditionalGeneration``) when
+``config.high_res_vision`` is None: no SAM tower, neck, downsample convs or alpha, and ``MlpAligner``
+(``linear1`` -> GELU -> ``linear2``) instead of the split hybrid aligner. Decoder, SigLIP, embedding scatter and
+``forward`` are shared.
+
 Module names equal transformers 5 in-memory names (``model.vision_model.*``, ``model.high_res_vision_model.*``,
 ``model.high_res_vision_neck.*``, ``model.high_res_vision_proj.conv{1,2}``, ``model.high_res_vision_alpha``,
 ``model.aligner.*``, ``model.language_model.*``, ``lm_head``), so ``state_dict()`` keys need no renaming.
@@ -59,20 +64,33 @@ class Aligner(nn.Module):
         return self.proj(F.gelu(x))  # exact erf GELU, not tanh
 
 
+class MlpAligner(nn.Module):
+    """The 1.3B model's aligner (DeepSeek's ``mlp_gelu``): linear1 (vision -> text width), exact GELU, linear2."""
+
+    def __init__(self, config: DsvlConfig) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(config.vision.hidden_size, config.text.hidden_size)
+        self.linear2 = nn.Linear(config.text.hidden_size, config.text.hidden_size)
+
+    def forward(self, low: Tensor) -> Tensor:
+        return self.linear2(F.gelu(self.linear1(low)))
+
+
 class DeepseekVLHybridModel(nn.Module):
     def __init__(self, config: DsvlConfig) -> None:
         super().__init__()
         self.config = config
         self.output_size = config.vision.image_size // config.vision.patch_size
-        # The global path keeps the output of the first global-attention block (index 2 in SAM-B).
-        self.global_attn_index = config.high_res_vision.global_attn_indexes[0]
         self.vision_model = SiglipVisionTransformer(config.vision)
-        self.high_res_vision_model = SamVisionModel(config.high_res_vision)
-        self.high_res_vision_neck = SamNeck(config.high_res_vision)
-        self.high_res_vision_proj = HighResVisionProj(config.high_res_vision, self.output_size)
-        # Zero-initialised in training; the real value comes from the checkpoint.
-        self.high_res_vision_alpha = nn.Parameter(torch.zeros(1))
-        self.aligner = Aligner(config)
+        if config.hybrid:
+            # The global path keeps the output of the first global-attention block (index 2 in SAM-B).
+            self.global_attn_index = config.high_res_vision.global_attn_indexes[0]
+            self.high_res_vision_model = SamVisionModel(config.high_res_vision)
+            self.high_res_vision_neck = SamNeck(config.high_res_vision)
+            self.high_res_vision_proj = HighResVisionProj(config.high_res_vision, self.output_size)
+            # Zero-initialised in training; the real value comes from the checkpoint.
+            self.high_res_vision_alpha = nn.Parameter(torch.zeros(1))
+        self.aligner = Aligner(config) if config.hybrid else MlpAligner(config)
         self.language_model = LlamaModel(config.text)
 
 
@@ -114,8 +132,12 @@ class DeepseekVLHybrid(nn.Module):
         x = main + glob * m.high_res_vision_alpha  # alpha scales the global path only
         return x.permute(0, 2, 3, 1).flatten(1, 2)  # row-major 24x24 tokens
 
-    def get_image_features(self, pixel_values: Tensor, high_res_pixel_values: Tensor) -> Tensor:
-        """(N, 3, 384, 384), (N, 3, 1024, 1024) -> aligned image embeddings (N, 576, text.hidden_size)."""
+    def get_image_features(self, pixel_values: Tensor, high_res_pixel_values: Tensor | None = None) -> Tensor:
+        """(N, 3, 384, 384), (N, 3, 1024, 1024) -> aligned image embeddings (N, 576, text.hidden_size).
+        The SigLIP-only model takes ``pixel_values`` alone."""
+        _check_pixel_inputs(self.config, pixel_values, high_res_pixel_values)
+        if not self.config.hybrid:
+            return self.model.aligner(self.get_low_res_features(pixel_values))
         if pixel_values.shape[0] != high_res_pixel_values.shape[0]:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} images but high_res_pixel_values has "
                              f"{high_res_pixel_values.shape[0]}")
@@ -151,8 +173,7 @@ class DeepseekVLHybrid(nn.Module):
         left-padded rows get the same positions as unpadded ones), else ``arange(cache_start, cache_start+T)``.
         ``logits_to_keep`` > 0 computes logits for the last positions only. ``labels`` give the shifted mean
         cross-entropy (-100 ignored), computed in float32."""
-        if (pixel_values is None) != (high_res_pixel_values is None):
-            raise ValueError("pixel_values and high_res_pixel_values must be given together")
+        _check_pixel_inputs(self.config, pixel_values, high_res_pixel_values)
         B, T = input_ids.shape
         image_features = None
         if pixel_values is not None:
@@ -195,3 +216,10 @@ class DeepseekVLHybrid(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "init_buffers"):
                 module.init_buffers(device)
+
+
+def _check_pixel_inputs(config: DsvlConfig, pixel_values: Tensor | None, high_res_pixel_values: Tensor | None) -> None:
+    if config.hybrid and (pixel_values is None) != (high_res_pixel_values is None):
+        raise ValueError("pixel_values and high_res_pixel_values must be given together")
+    if not config.hybrid and high_res_pixel_values is not None:
+        raise ValueError("this model (SigLIP only) has no high-resolution tower: pass pixel_values alone")

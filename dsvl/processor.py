@@ -21,9 +21,10 @@ import torch
 from PIL import Image
 
 from .images import DEFAULT_MAX_PIXELS, ImageError, ImageProcessor, load_image, preprocessor_config
-from .text import CHAT_TEMPLATE, Tokenizer, normalize_messages, render_chat
+from .text import CHAT_TEMPLATE, Tokenizer, normalize_messages, render_chat, split_system, with_system_prompt
 
 PROCESSOR_CLASS = "DeepseekVLHybridProcessor"
+PROCESSOR_CLASS_SIGLIP_ONLY = "DeepseekVLProcessor"  # the 1.3B model's
 DEFAULT_NUM_IMAGE_TOKENS = 576
 ESTIMATE_SLACK = 8  # tokens by which the per-turn estimate may miss the whole prompt's count
 
@@ -165,17 +166,26 @@ class Processor:
         return cls(Tokenizer.from_dir(path), ImageProcessor.from_dir(path), num, **kwargs)
 
     # ---- text -> ids ----------------------------------------------------------------------------------
-    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               system: str | None = None) -> str:
+        """The chat template's text. `system` (the system prompt) replaces the template's own, see
+        `dsvl.text.with_system_prompt`."""
         tok = self.tokenizer
-        return render_chat(
-            messages,
-            add_generation_prompt,
-            self.chat_template,
-            bos_token=tok.bos_token,
-            eos_token=tok.eos_token,
-            pad_token=tok.pad_token,
-            image_token=tok.image_token,
-        )
+        kw = dict(bos_token=tok.bos_token, eos_token=tok.eos_token, pad_token=tok.pad_token,
+                  image_token=tok.image_token)
+        text = render_chat(messages, add_generation_prompt, self.chat_template, **kw)
+        if system is None:
+            return text
+        out = with_system_prompt(text, self.render([], False), system)
+        if out is None:  # a template without a fixed preamble: let it write the system message its own way
+            out = render_chat([{"role": "system", "content": system}, *messages], add_generation_prompt,
+                              self.chat_template, **kw)
+        return out
+
+    @property
+    def default_system_prompt(self) -> str:
+        """The system prompt the checkpoint's chat template writes when none is given ("" if it writes none)."""
+        return self.render([], False).removesuffix("\n\n")
 
     def _mark_control_tokens(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
         """Wrap special-token strings typed inside text items with a random marker, so `_encode` can encode them
@@ -236,8 +246,9 @@ class Processor:
     ) -> Prompt:
         """Tokenize one conversation and load its images.
 
-        Context policy: a turn is a user message with the assistant message(s) that follow it (messages before
-        the first user message, e.g. a system message, are always kept). If the prompt plus
+        A leading `system` message is the system prompt: it replaces the template's own (see `render`), and is
+        always kept. Context policy: a turn is a user message with the assistant message(s) that follow it
+        (messages before the first user message are always kept). If the prompt plus
         `reserve_new_tokens` exceeds `max_context_tokens`, the oldest whole turns are dropped, images included,
         until it fits; `Prompt.dropped_turns` says how many. An image's tokens are never cut. If even the last
         turn alone does not fit, `ContextOverflowError` is raised. `max_context_tokens=None` disables the limit.
@@ -251,10 +262,16 @@ class Processor:
         (`Prompt.images` holds None for it; `Prompt.image_for` decodes on demand).
         """
         messages = normalize_messages(conversation)
+        system, messages = split_system(messages)  # a leading system message: the system prompt
         if not messages:
             raise ValueError("the conversation is empty")
         add_generation_prompt = str(messages[-1]["role"]).lower() != "assistant"
-        marked, marker = self._mark_control_tokens(messages)
+        if system is not None:  # sanitised with the messages: typed control tokens stay plain text
+            first = {"role": "system", "content": [{"type": "text", "text": system}]}
+            marked, marker = self._mark_control_tokens([first, *messages])
+            system, marked = marked[0]["content"][0]["text"], marked[1:]
+        else:
+            marked, marker = self._mark_control_tokens(messages)
 
         starts = [i for i, m in enumerate(marked) if str(m["role"]).lower() == "user"]
         preamble_end = starts[0] if starts else 0
@@ -264,7 +281,7 @@ class Processor:
 
         def encoded(first_turn: int) -> tuple[str, list[int]]:
             _check(cancel)
-            text = self.render(marked[:preamble_end] + marked[turn_starts[first_turn]:], add_generation_prompt)
+            text = self.render(marked[:preamble_end] + marked[turn_starts[first_turn]:], add_generation_prompt, system)
             return text, self._encode(text, marker)
 
         text, ids = encoded(dropped)
@@ -392,16 +409,17 @@ class Processor:
 # --------------------------------------------------------------------------------------------------
 
 
-def write_processor_files(out_dir: Path, num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS) -> None:
+def write_processor_files(out_dir: Path, num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS, hybrid: bool = True) -> None:
     """Write `preprocessor_config.json`, `processor_config.json` and `chat_template.jinja` as the hub repo has
-    them (HF conversion script values). Together with `dsvl.text.write_tiny_tokenizer` the directory loads with
-    `transformers.AutoProcessor.from_pretrained`."""
+    them (HF conversion script values; `hybrid=False`: the 1.3B model's processor). Together with
+    `dsvl.text.write_tiny_tokenizer` the directory loads with `transformers.AutoProcessor.from_pretrained`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "preprocessor_config.json", preprocessor_config())
+    _write_json(out_dir / "preprocessor_config.json", preprocessor_config(hybrid))
     _write_json(
         out_dir / "processor_config.json",
-        {"num_image_tokens": num_image_tokens, "processor_class": PROCESSOR_CLASS},
+        {"num_image_tokens": num_image_tokens,
+         "processor_class": PROCESSOR_CLASS if hybrid else PROCESSOR_CLASS_SIGLIP_ONLY},
     )
     # transformers >= 4.52 saves a processor's template as a raw Jinja file (no JSON escaping).
     (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import DsvlConfig
+from .config import CHAT_MODELS, SIGLIP_ONLY_TYPE, DsvlConfig
 
 log = logging.getLogger(__name__)
 
@@ -310,11 +310,27 @@ def _other_params(config: DsvlConfig) -> int:
     norms = (2 * t.num_hidden_layers + 1) * t.hidden_size
     siglip = v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size) + \
         (v.image_size // v.patch_size) ** 2 * v.hidden_size + 3 * v.patch_size ** 2 * v.hidden_size
+    if s is None:  # SigLIP-only (1.3B): linear1 + linear2 aligner
+        return emb + norms + siglip + v.hidden_size * t.hidden_size + t.hidden_size ** 2
     sam = s.num_hidden_layers * (4 * s.hidden_size ** 2 + 2 * s.hidden_size * s.mlp_dim) + \
         (s.image_size // s.patch_size) ** 2 * s.hidden_size + 3 * s.patch_size ** 2 * s.hidden_size + \
         2 * (s.hidden_size * s.output_channels + 9 * s.output_channels ** 2) + 7 * s.output_channels ** 2 * 9 * 4
     aligner = (v.hidden_size + 4 * s.output_channels) * t.hidden_size // 2 + t.hidden_size ** 2
     return emb + norms + siglip + sam + aligner
+
+
+SMALLER_MODEL = CHAT_MODELS[SIGLIP_ONLY_TYPE][1]
+
+
+def _smaller_model_hint(config: DsvlConfig, dtype: torch.dtype, max_context_tokens: int, free: int) -> str:
+    """When the hybrid (7B) model does not fit a CPU's memory in 16-bit, point at the 1.3B model if that one does:
+    about the same bytes per token as the 7B in int4, without quantization error, and a SAM-free first turn."""
+    small = DsvlConfig.siglip_only_1_3b()
+    need = estimate_bytes(small, dtype, "none", max_context_tokens)
+    if not config.hybrid or need > free:
+        return ""
+    return (f". The smaller DeepSeek-VL 1.3B chat fits here unquantized in {str(dtype).removeprefix('torch.')} "
+            f"(~{need / (1 << 30):.1f} GiB): --model {SMALLER_MODEL}")
 
 
 def choose_auto(config: DsvlConfig, device: torch.device, dtype: torch.dtype = torch.bfloat16,
@@ -341,5 +357,7 @@ def choose_auto(config: DsvlConfig, device: torch.device, dtype: torch.dtype = t
         why = (f"{mode}: even {mode} needs ~{needed[mode] / gib:.1f} GiB but only {free / gib:.1f} GiB is free on "
                f"{device.type}; loading may run out of memory")
     choice = AutoChoice(mode, why, needed, free)
+    if device.type == "cpu" and needed.get("none", 0) > free:
+        choice.reason += _smaller_model_hint(config, dtype, max_context_tokens, free)
     log.info("quantization='auto' chose %s", choice.reason)
     return choice

@@ -260,6 +260,28 @@ def normalize_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
     return out
 
 
+def split_system(messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
+    """(system prompt, the other messages) of normalized messages. A leading ``system`` message is the system
+    prompt: text only, stripped as DeepSeek's own conversation template strips messages; None without one.
+    A system message further down is an ordinary message (the template writes it as "System: ...")."""
+    if not messages or str(messages[0]["role"]).lower() != "system":
+        return None, messages
+    items = messages[0]["content"]
+    if any(item.get("type") != "text" or not isinstance(item.get("text"), str) for item in items):
+        raise ValueError("the system message may hold text only")
+    return " ".join(item["text"].strip() for item in items).strip(), messages[1:]
+
+
+def with_system_prompt(rendered: str, preamble: str, system: str) -> str | None:
+    """DeepSeek-VL's template starts every prompt with a fixed system prompt + blank line (``preamble``, what it
+    renders for no messages). The system prompt replaces it as DeepSeek's conversation template writes a
+    custom one: ``system + "\n\n"``, nothing when empty. None when ``rendered`` does not start with the
+    preamble (another template: it must then render the system message itself)."""
+    if not preamble or not rendered.startswith(preamble):
+        return None
+    return (system + "\n\n" if system else "") + rendered[len(preamble):]
+
+
 def _render_builtin(messages: Sequence[Message], add_generation_prompt: bool) -> str:
     """Python equivalent of CHAT_TEMPLATE (used when a checkpoint ships no template)."""
     seps = ("\n\n", EOS_TOKEN)

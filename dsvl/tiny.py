@@ -1,6 +1,9 @@
 """Random-weight checkpoints in the exact hub layout, for tests and benchmarks without the real weights.
 
-    python -m dsvl.tiny OUT_DIR [--size tiny|mid|7b] [--layout converted|transformers5|original] [--seed 0]
+    python -m dsvl.tiny OUT_DIR [--size tiny|mid|7b|1.3b-tiny|1.3b] [--layout converted|transformers5|original]
+
+``tiny``/``mid``/``7b`` are the hybrid (SigLIP + SAM) family of DeepSeek-VL 7B chat; ``1.3b-tiny``/``1.3b`` the
+SigLIP-only family of DeepSeek-VL 1.3B chat (tiny widths / the full 1.3B shapes).
 
 Writes ``config.json`` (``DsvlConfig.to_dict()`` + ``dsvl_random_weights: true``), sharded safetensors with
 ``model.safetensors.index.json`` (a single ``model.safetensors`` when everything fits in one shard), and the tiny
@@ -31,13 +34,15 @@ from .config import DsvlConfig
 from .loading import (DTYPE_NAMES, LAYOUTS, ORIGINAL_IGNORED, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, _QKV,
                       iter_expected, to_layout_name)
 
-SIZES = ("tiny", "mid", "7b")
-DEFAULT_SHARD_BYTES = {"tiny": 1 << 20, "mid": 2 << 30, "7b": 4 << 30}
+SIZES = ("tiny", "mid", "7b", "1.3b-tiny", "1.3b")
+DEFAULT_SHARD_BYTES = {"tiny": 1 << 20, "mid": 2 << 30, "7b": 4 << 30, "1.3b-tiny": 1 << 20, "1.3b": 2 << 30}
 
 
 def config_for(size: str, image_token_id: int) -> DsvlConfig:
-    if size == "tiny":
-        cfg = DsvlConfig.tiny(image_token_id=image_token_id)
+    if size in ("tiny", "1.3b-tiny"):
+        cfg = DsvlConfig.tiny(image_token_id=image_token_id, hybrid=size == "tiny")
+    elif size == "1.3b":
+        cfg = DsvlConfig.siglip_only_1_3b()
     elif size == "mid":
         cfg = DsvlConfig.mid()
     elif size == "7b":
@@ -48,8 +53,8 @@ def config_for(size: str, image_token_id: int) -> DsvlConfig:
 
 
 def default_dtype(size: str) -> torch.dtype:
-    """float32 for tiny (parity tests), bfloat16 for mid/7b (the real checkpoint's dtype, half the disk)."""
-    return torch.float32 if size == "tiny" else torch.bfloat16
+    """float32 for the tiny sizes (parity tests), bfloat16 for the others (the real checkpoints' dtype)."""
+    return torch.float32 if size.endswith("tiny") else torch.bfloat16
 
 
 # ---- random values -------------------------------------------------------------------------------
@@ -117,12 +122,13 @@ def plan_tensors(config: DsvlConfig, layout: str, seed: int) -> list[OutTensor]:
                 continue  # fused into the q entry
             parts = [name.replace(".q_proj.", f".{p}_proj.") for p in "qkv"]
             fused = (3 * shape[0], *shape[1:])
-            out.append(OutTensor(to_layout_name(name, layout), fused,
+            out.append(OutTensor(to_layout_name(name, layout, config.hybrid), fused,
                                  lambda parts=parts: torch.cat([make(p)() for p in parts])))
         elif layout == "original" and name.endswith("embeddings.position_embedding.weight"):
-            out.append(OutTensor(to_layout_name(name, layout), (1, *shape), lambda f=make(name): f()[None]))
+            out.append(OutTensor(to_layout_name(name, layout, config.hybrid), (1, *shape),
+                                 lambda f=make(name): f()[None]))
         else:
-            out.append(OutTensor(to_layout_name(name, layout), shape, make(name)))
+            out.append(OutTensor(to_layout_name(name, layout, config.hybrid), shape, make(name)))
     if layout == "original":
         out += _original_unused(config, seed)
     return out
@@ -130,13 +136,13 @@ def plan_tensors(config: DsvlConfig, layout: str, seed: int) -> list[OutTensor]:
 
 def _original_unused(config: DsvlConfig, seed: int) -> list[OutTensor]:
     """The tensors of deepseek-ai's checkpoint that the model never uses: two LayerNorms built by
-    ``HybridVisionTower`` and the SigLIP attention-pool head (12,595,200 params at full size)."""
+    ``HybridVisionTower`` (7B only) and the SigLIP attention-pool head (12,595,200 params at full size)."""
     d, ff = config.vision.hidden_size, config.vision.intermediate_size
     shapes = {
         "vision_model.high_layer_norm.weight": (d,), "vision_model.high_layer_norm.bias": (d,),
         "vision_model.low_layer_norm.weight": (d,), "vision_model.low_layer_norm.bias": (d,),
-    }
-    pool = ORIGINAL_IGNORED[2]
+    } if config.hybrid else {}
+    pool = ORIGINAL_IGNORED[2] if config.hybrid else "vision_model.vision_tower.attn_pool."
     shapes.update({
         pool + "latent": (1, 1, d), pool + "q.weight": (d, d), pool + "q.bias": (d,),
         pool + "kv.weight": (2 * d, d), pool + "kv.bias": (2 * d,), pool + "proj.weight": (d, d),
@@ -204,7 +210,6 @@ def write_checkpoint(out_dir: str | Path, size: str = "tiny", layout: str = "con
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_tiny_tokenizer(out)
-    write_processor_files(out)
     vocab = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
     image_id = next(t["id"] for t in vocab["added_tokens"] if t["content"] == IMAGE_TOKEN)
 
@@ -213,6 +218,7 @@ def write_checkpoint(out_dir: str | Path, size: str = "tiny", layout: str = "con
     dtype = dtype or default_dtype(size)
     config = config_for(size, image_id) if config is None else dataclasses.replace(
         config, image_token_id=image_id, random_weights=True)
+    write_processor_files(out, hybrid=config.hybrid)
     config = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch."),
                                  tie_word_embeddings=tie_word_embeddings)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -164,13 +164,14 @@ class Runtime:
             return sum(len(s) for s in self._active.values())
 
     # ---- one reply ----------------------------------------------------------------------------------
-    async def reply_async(self, session: str, conv: list[dict], params: dict) -> AsyncIterator[Reply]:
+    async def reply_async(self, session: str, conv: list[dict], params: dict,
+                          system_prompt: str | None = None) -> AsyncIterator[Reply]:
         """`reply` for Gradio's async handlers. Gradio cancels a job (Stop, `job.cancel()`, a closed tab) by
         cancelling its task, which reaches this generator at once, even while the first step (reading the
         conversation and its images) still runs in a worker thread: the cancel event is set here, and that
         work stops at the next turn or image instead of running on outside the queue's limits."""
         cancel = threading.Event()
-        steps = self.reply(session, conv, params, cancel=cancel)
+        steps = self.reply(session, conv, params, system_prompt, cancel=cancel)
         running = False
         try:
             while True:
@@ -185,7 +186,7 @@ class Runtime:
             if not running:  # a step still running ends by itself once it sees the event
                 steps.close()
 
-    def reply(self, session: str, conv: list[dict], params: dict,
+    def reply(self, session: str, conv: list[dict], params: dict, system_prompt: str | None = None,
               cancel: threading.Event | None = None) -> Iterator[Reply]:
         """Stream the answer to the last user turn of `conv`. The first Reply comes once the engine has
         accepted the request (prompt built, images decoded); later ones as text arrives (throttled); the
@@ -194,7 +195,8 @@ class Runtime:
         The engine is driven by a thread of its own for the whole reply: the engine's lock belongs to the
         thread that starts a stream, while Gradio runs each step of a generator on any thread of its pool.
         Closing this generator (Stop, client cancel, tab closed) sets the cancel event; the engine stops
-        within one token and the thread then closes the stream, which frees the engine."""
+        within one token and the thread then closes the stream, which frees the engine. `system_prompt`
+        (None: the checkpoint's own) goes to the engine as a leading system message."""
         try:  # every path to the model passes here: the page, /chat, any handler called directly
             limits.check_conversation(conv, max_images=self.settings.max_images,
                                       max_images_per_chat=self.settings.max_images_per_chat)
@@ -203,6 +205,8 @@ class Runtime:
         messages = history.engine_messages(conv)
         if not messages or messages[-1]["role"] != "user":
             raise UserError("There is no question to answer.", "Nothing to send")
+        if system_prompt is not None:
+            messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}, *messages]
         cancel = cancel or threading.Event()
         with self._lock:
             self._active.setdefault(session, set()).add(cancel)

@@ -108,12 +108,13 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="app.py",
-        description="Chat with DeepSeek-VL 7B about your images. Every flag can also be set through the "
+        description="Chat with DeepSeek-VL (7B or 1.3B chat) about your images. Every flag can also be set through the "
         "environment variable named in brackets.",
     )
     p.add_argument("--model", default=e("DSVL_MODEL", d.model),
-                   help="hub id, local checkpoint directory, or random:tiny|mid|7b (random weights, to try the UI) "
-                        "[DSVL_MODEL] (default: %(default)s)")
+                   help="hub id (deepseek-community/deepseek-vl-7b-chat or deepseek-community/deepseek-vl-1.3b-chat), "
+                        "local checkpoint directory, or random:tiny|mid|7b|1.3b-tiny|1.3b (random weights, to try "
+                        "the UI) [DSVL_MODEL] (default: %(default)s)")
     p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, metavar="MODE",
                    default=e("DSVL_QUANTIZATION", d.quantization), help=QUANTIZATION_HELP)
     p.add_argument("--device", default=e("DSVL_DEVICE", d.device),

@@ -28,8 +28,9 @@ import gradio as gr
 from gradio.utils import NamedString
 
 from . import history, limits, rendering
+from . import system_prompt as sysprompt
 from .runtime import Runtime, UserError, failure_message, generation_params
-from .settings import DEFAULT_MODEL, QUANTIZATION_COSTS, Settings
+from .settings import QUANTIZATION_COSTS, Settings
 from .uploads import UploadError, check_files, check_image, human_size
 
 log = logging.getLogger("dsvl_app")
@@ -136,6 +137,20 @@ def _examples() -> list[dict]:
 # Rendering
 
 
+def model_name(engine) -> str:
+    """The name of the model actually loaded ("DeepSeek-VL 1.3B chat"), for the banner and the page title."""
+    config = getattr(engine, "config", None)
+    return getattr(config, "display_name", "DeepSeek-VL chat")
+
+
+def real_model(engine) -> str:
+    """The hub id of the published checkpoint of the loaded model's family (for the random-weights notice)."""
+    from dsvl.config import CHAT_MODELS
+
+    model_type = getattr(getattr(engine, "config", None), "model_type", None)
+    return CHAT_MODELS.get(model_type, next(iter(CHAT_MODELS.values())))[1]
+
+
 def banner_html(engine, settings: Settings) -> str:
     quant = str(getattr(engine, "quantization", "none") or "none")
     dtype = str(getattr(engine, "dtype", "")).replace("torch.", "")
@@ -156,7 +171,7 @@ def banner_html(engine, settings: Settings) -> str:
     if hasattr(engine, "kv_budget_bytes"):  # KV memory in GB and in full-length conversations
         chips.append(("KV memory", f"{engine.kv_budget_bytes / 1e9:.1f} GB ≈ "
                                    f"{engine.kv_conversations:.1f} full conversations"))
-    parts = ['<div id="dsvl-banner"><span class="name">DeepSeek-VL 7B chat</span>']
+    parts = [f'<div id="dsvl-banner"><span class="name">{html.escape(model_name(engine))}</span>']
     tips = {"model": settings.model}
     if quant not in ("none", ""):  # what the quantized mode costs, on hover
         tips["precision"] = QUANTIZATION_COSTS.get(quant.split("-g")[0], "precision")
@@ -166,7 +181,7 @@ def banner_html(engine, settings: Settings) -> str:
     if getattr(engine, "is_random", False):
         parts.append(
             '<div id="dsvl-random">⚠️ RANDOM WEIGHTS: this is a test model, its answers are noise. For real '
-            f"answers start the app with <code>--model {html.escape(DEFAULT_MODEL)}</code>.</div>")
+            f"answers start the app with <code>--model {html.escape(real_model(engine))}</code>.</div>")
     return "".join(parts)
 
 
@@ -212,11 +227,12 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
     rt = Runtime(engine, settings, upload_root=Path(gr.utils.get_upload_folder()), gpu=gpu)
     max_ctx = rt.max_context_tokens
     gdef = settings.generation
+    default_system = sysprompt.default_for(engine)
 
     def ctx(conv, live=None):
         return context_html(conv, max_ctx, rt.num_image_tokens, live)
 
-    with gr.Blocks(title="DeepSeek-VL chat", delete_cache=(1800, 6 * 3600), fill_height=True,
+    with gr.Blocks(title=model_name(engine), delete_cache=(1800, 6 * 3600), fill_height=True,
                    analytics_enabled=False) as demo:
         conv = gr.State([])  # canonical turns (history.py); per browser tab / API client
         pending = gr.State(None)  # the message being sent, put back into the box if it fails
@@ -261,6 +277,11 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                 repetition_penalty = gr.Slider(1.0, 2.0, value=gdef.repetition_penalty, step=0.01,
                                                label="Repetition penalty")
                 seed = gr.Number(value=gdef.seed, precision=0, label="Seed", info="-1 = random")
+            system_prompt = gr.Textbox(
+                value=default_system or "", label="System prompt", lines=2, max_lines=8,
+                max_length=sysprompt.MAX_CHARS, elem_id="dsvl-system-prompt",
+                info="Written before the conversation (a persona, a language, a format). Default: the model's own; "
+                     "empty: none. A change re-reads the whole chat on the next answer.")
         gr.Markdown(
             "<small>Conversations live in this browser tab only; the server keeps no log of them. Closing the tab "
             "deletes your uploads from the server.</small>", elem_id="dsvl-privacy")
@@ -381,7 +402,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             return staged(conv_, message)
 
         # -- the queued, streaming step ---------------------------------------------------------------
-        async def answer(conv_, t, p, k, n, r, s, request: gr.Request):
+        async def answer(conv_, t, p, k, n, r, s, sp, request: gr.Request):
             """Streams the reply. A failure is a notice, not an error of this step (which would cover the chat
             with an error badge): the chat goes back to the question, and `finish` puts it back in the box."""
             session = request.session_hash
@@ -390,7 +411,8 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             yield [*shown, working_bubble(conv_)], gr.skip(), ctx(conv_, "Reading your message…")
             try:
                 params = generation_params(t, p, k, n, r, s, max_context_tokens=max_ctx, defaults=gdef)
-                async with aclosing(rt.reply_async(session, conv_, params)) as replies:
+                system = sysprompt.clean(sp, default_system)
+                async with aclosing(rt.reply_async(session, conv_, params, system)) as replies:
                     async for reply in replies:
                         if rt.epoch(session) != epoch:
                             return  # "New chat" was pressed meanwhile: this reply belongs to nobody
@@ -435,7 +457,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                 conv_[-1] = {**conv_[-1], "status": "stopped", "stats": stats}
             return [box, history.chatbot_messages(conv_), conv_, None, ctx(conv_), *idle()]
 
-        answer_kwargs = dict(fn=answer, inputs=[conv, *sliders], outputs=[chatbot, conv, context_md],
+        answer_kwargs = dict(fn=answer, inputs=[conv, *sliders, system_prompt], outputs=[chatbot, conv, context_md],
                              concurrency_id=GPU, concurrency_limit=settings.concurrency, show_progress="minimal",
                              api_visibility="private")
         finish_kwargs = dict(fn=finish, inputs=[conv, pending], outputs=stage_outputs, queue=False,
@@ -485,7 +507,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
         for trigger in (clear_btn.click, chatbot.clear):
             trigger(new_chat, None, [chatbot, conv, context_md], **private)
 
-        def do_export(conv_):
+        def do_export(conv_, sp):
             if not conv_:
                 gr.Info("Nothing to export yet.")
                 return ""
@@ -494,18 +516,22 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                 raise refused(f"This chat's images add up to {human_size(size)}; Export takes at most "
                               f"{human_size(limits.MAX_EXPORT_BYTES)}.", "Export failed")
             try:
-                return json.dumps(history.export_conversation(conv_, settings.model), ensure_ascii=False)
+                doc = history.export_conversation(conv_, settings.model)
+                doc["system_prompt"] = sysprompt.clean(sp, default_system)
+                return json.dumps(doc, ensure_ascii=False)
+            except UserError as exc:
+                raise gr.Error(exc.message, title=exc.title) from None
             except OSError as exc:
                 raise refused(f"An image of this chat is no longer on the server ({exc.filename}).",
                               "Export failed") from None
 
-        export_btn.click(do_export, [conv], [export_data], **private).then(
+        export_btn.click(do_export, [conv, system_prompt], [export_data], **private).then(
             None, [export_data], None, js=DOWNLOAD_JS, **private)
 
         def do_import(path, request: gr.Request):
             session = request.session_hash
             if not path:
-                return gr.skip(), gr.skip(), gr.skip()
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
             if not limits.is_upload(path, rt.upload_root):
                 raise refused("The file to import is not an upload to this server.", "Import failed")
             try:
@@ -523,7 +549,8 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                     check_image(p, settings.max_file_size, rt.max_image_pixels)
                 limits.check_conversation(turns, max_images=settings.max_images,
                                           max_images_per_chat=settings.max_images_per_chat)
-            except (history.ConversationFormatError, UploadError, limits.LimitError) as exc:
+                system = sysprompt.from_export(raw)
+            except (history.ConversationFormatError, UploadError, limits.LimitError, UserError) as exc:
                 shutil.rmtree(out_dir, ignore_errors=True)
                 log.info("refused an import: %s", type(exc).__name__)
                 gr.Warning(f"Could not import this file: {exc}", title="Import failed")  # the chat stays as it is
@@ -540,21 +567,24 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                 shutil.rmtree(out_dir, ignore_errors=True)
             rt.new_conversation(session)
             gr.Info(f"Imported {plural(len(turns), 'message')} and {plural(len(written), 'image')}.")
-            return history.chatbot_messages(turns), turns, ctx(turns)
+            return history.chatbot_messages(turns), turns, ctx(turns), gr.skip() if system is None else system
 
         # Gradio 6.31's UploadButton(type="filepath") opens an empty temp file in the upload folder for every
         # file it hands over and never deletes it; the uploaded file's own path is all do_import needs.
         import_btn._process_single_file = lambda f: NamedString(f.path)
-        import_btn.upload(do_import, [import_btn], [chatbot, conv, context_md], api_visibility="private")
+        import_btn.upload(do_import, [import_btn], [chatbot, conv, context_md, system_prompt],
+                          api_visibility="private")
 
         # -- API: /chat and /clear --------------------------------------------------------------------
         async def chat(message, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, history,
-                       conv_, request: gr.Request):
+                       system_prompt, conv_, request: gr.Request):
             """Send one message ({"text": str, "files": [image, ...]}) and stream the answer.
 
             The conversation is kept per client session (a gradio_client Client), so successive calls
             continue it; /clear starts a new one. `history` (optional) replaces it: a list of messages in
-            Gradio's typed or raw shape or the engine's shape; its files must be earlier uploads."""
+            Gradio's typed or raw shape or the engine's shape; its files must be earlier uploads.
+            `system_prompt` (optional, last so that older positional calls keep working) replaces the
+            model's own; "" means none."""
             session = request.session_hash
             epoch = rt.epoch(session)
             if not session:
@@ -565,9 +595,13 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
             new = within_chat_limits([*base, turn])
             params = generation_params(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
                                        max_context_tokens=max_ctx, defaults=gdef)
+            try:
+                system = sysprompt.clean(system_prompt, default_system)
+            except UserError as exc:
+                raise gr.Error(exc.message, title=exc.title) from None
             started = False
             try:
-                async with aclosing(rt.reply_async(session, new, params)) as replies:
+                async with aclosing(rt.reply_async(session, new, params, system)) as replies:
                     async for reply in replies:
                         if rt.epoch(session) != epoch:
                             return  # /clear meanwhile
@@ -583,7 +617,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                     yield gr.skip(), base
                 raise gr.Error(failure_message(exc), title="Model error") from None
 
-        api_btn.click(chat, [textbox, *sliders, api_history, conv], [api_answer, conv], api_name="chat",
+        api_btn.click(chat, [textbox, *sliders, api_history, system_prompt, conv], [api_answer, conv], api_name="chat",
                       concurrency_id=GPU, concurrency_limit=settings.concurrency, api_visibility="public")
 
         def clear_api(request: gr.Request):

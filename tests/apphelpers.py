@@ -161,10 +161,11 @@ def sse_messages(http: httpx.Client, url: str, session_hash: str, *, timeout: fl
 
 
 def chat_data(message: dict, max_new_tokens: int = 8) -> list:
-    """The /chat endpoint's data list as the queue receives it (message, settings, history, session state)."""
+    """The /chat endpoint's data list as the queue receives it (message, settings, history, system prompt,
+    session state; None = the model's own system prompt)."""
     p = GREEDY
     return [message, p["temperature"], p["top_p"], p["top_k"], max_new_tokens, p["repetition_penalty"], p["seed"],
-            None, None]
+            None, None, None]
 
 
 def raw_chat(url: str, message: dict, *, max_new_tokens: int = 8, timeout: float = 60,

@@ -63,7 +63,9 @@ def test_api_lists_a_chat_endpoint(client):
     info = client.view_api(print_info=False, return_format="dict")
     chat = info["named_endpoints"]["/chat"]
     assert [p["parameter_name"] for p in chat["parameters"]] == [
-        "message", "temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed", "history"]
+        "message", "temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed", "history",
+        "system_prompt"]  # appended last: positional calls written before it keep working
+    assert chat["parameters"][-1]["parameter_has_default"]
     assert "/clear" in info["named_endpoints"]
 
 

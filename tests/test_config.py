@@ -92,7 +92,8 @@ def test_original_deepseek_schema():
          "vision_config": {"cls": "HybridVisionTower", "params": {}}}
     assert DsvlConfig.from_dict(d) == DsvlConfig()
     with pytest.raises(ConfigError, match="vision_config.cls"):
-        DsvlConfig.from_dict({"language_config": {}, "vision_config": {"cls": "CLIPVisionTower"}})
+        DsvlConfig.from_dict({"language_config": {}, "vision_config": {"cls": "SamVisionTower"}})
+    # CLIPVisionTower (SigLIP alone) is the 1.3B model: tests/test_model_1_3b.py
 
 
 @pytest.mark.parametrize("section,key,value,match", [

@@ -87,7 +87,7 @@ def test_dtype_eval_and_no_grad(tiny_checkpoint):
     assert rope.dtype == torch.float32 and torch.allclose(rope[:2], torch.tensor([1.0, 10000 ** (-2 / 16)]))
 
 
-# ---- lm_head tying (reference §1.1) --------------------------------------------------------------
+# ---- lm_head tying (docs/MODEL.md §1) --------------------------------------------------------------
 
 
 def _set_tie(d: Path, tie: bool) -> None:

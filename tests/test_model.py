@@ -187,11 +187,11 @@ def test_greedy_continuation_matches_generate(env, batch):
     assert len(set(got[0])) > 4, "random weights must not produce a constant continuation"
 
 
-# ---- §6 pitfalls of the parts this module owns ---------------------------------------------------
+# ---- pitfalls (MODEL.md §7) of the parts this module owns -----------------------------------------------
 
 
 def test_high_res_glue_by_hand(env):
-    """§1.5/§6.4: full block-2 output through the second neck; ONE shared downsample pair, bilinear 64->96 with
+    """MODEL.md §3: full block-2 output through the second neck; ONE shared downsample pair, bilinear 64->96 with
     align_corners=False; alpha on the global path only, after its convs; row-major 24x24 tokens."""
     ours, _, _, _ = env
     m = ours.model
@@ -222,7 +222,7 @@ def test_high_res_glue_by_hand(env):
 
 
 def test_aligner_order_and_exact_gelu(env):
-    """§1.6/§6.1: proj(GELU_erf(cat[high_res_vision_proj(sam) | vision_proj(siglip)]))."""
+    """MODEL.md §1: proj(GELU_erf(cat[high_res_vision_proj(sam) | vision_proj(siglip)]))."""
     ours, _, _, _ = env
     a = ours.model.aligner
     g = torch.Generator().manual_seed(15)
@@ -239,7 +239,7 @@ def test_aligner_order_and_exact_gelu(env):
 
 
 def test_embed_scatter_row_major_and_count_check(env):
-    """§2.3/§6.7: image n fills the n-th run of 576 placeholders, batch row 0 first; wrong counts are errors."""
+    """MODEL.md §2: image n fills the n-th run of 576 placeholders, batch row 0 first; wrong counts are errors."""
     ours, _, _, sp = env
     ids, _ = left_pad([prompt(sp, [3, "img", 2, "img"], seed=16), prompt(sp, [1, "img", 9], seed=17)], sp.eos)
     feats = torch.arange(3, dtype=torch.float32)[:, None, None].expand(3, 576, ours.config.text.hidden_size) + 10

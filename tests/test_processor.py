@@ -165,7 +165,7 @@ def test_context_drop_policy(proc: Processor):
     expected = proc.prepare([with_system[0], *turns[2:]], max_context_tokens=None)
     p = proc.prepare(with_system, max_context_tokens=len(expected.token_ids))
     assert p.dropped_turns == 1 and p.token_ids == expected.token_ids
-    assert "System: Be brief." in p.text and "First question" not in p.text
+    assert p.text.startswith("Be brief.\n\nUser: ") and "First question" not in p.text  # the system prompt
 
 
 def test_context_overflow(proc: Processor):
