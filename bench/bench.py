@@ -165,7 +165,7 @@ def run_transformers(a: argparse.Namespace) -> dict:
     model = cls.from_pretrained(a.checkpoint, **kwargs).eval()
     processor = transformers.AutoProcessor.from_pretrained(a.checkpoint)
     load_s = time.perf_counter() - t0
-    size = len(processor.tokenizer)  # ids the tokenizer can decode; the rest must be masked (reference §6.7)
+    size = len(processor.tokenizer)  # ids the tokenizer can decode; the rest must be masked (docs/MODEL.md §5)
 
     class MaskUndecodable(transformers.LogitsProcessor):
         """Slice assignment (``suppress_tokens`` would run an isin over the vocabulary every step)."""

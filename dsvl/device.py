@@ -1,6 +1,7 @@
 """Device and dtype choice.
 
-``auto`` rules (issue 4): CUDA -> bfloat16 (float16 on GPUs without bf16, e.g. T4/V100); Apple MPS -> float16;
+``auto`` rules (why: docs/PERFORMANCE.md, "CPUs differ").
+CUDA -> bfloat16 (float16 on GPUs without bf16, e.g. T4/V100); Apple MPS -> float16;
 CPU -> bfloat16 where the CPU has native bf16 arithmetic (``avx512_bf16`` or AMX in /proc/cpuinfo flags), else
 float32 (PyTorch's bf16 kernels are emulated and slow without them). Explicit flags always win; asking for a
 device that is not there is a clear ``DeviceError``, never a silent fallback.

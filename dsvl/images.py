@@ -59,7 +59,7 @@ class ImageError(ValueError):
 
 
 def preprocessor_config(hybrid: bool = True) -> dict[str, Any]:
-    """`preprocessor_config.json` with the values the HF conversion script passes (reference §3.1). For the
+    """`preprocessor_config.json` with the values the HF conversion script passes (docs/MODEL.md §4). For the
     SigLIP-only model: transformers' DeepseekVLImageProcessor at 384 px with SigLIP's 0.5/0.5 normalisation."""
     if not hybrid:
         return {

@@ -4,7 +4,7 @@ and a static KV cache.
 Attribute names equal transformers' ``LlamaModel`` (``embed_tokens``, ``layers.N.self_attn.o_proj``, ...), except
 that q/k/v and gate/up are each one fused Linear (``qkv_proj``, ``gate_up_proj``); ``state_dict()`` and
 ``load_state_dict`` still use the checkpoint's separate names (``fuse_on_load``), so nothing else renames. Numerics follow transformers 5.24 ``modeling_llama.py``
-(reference §6.1-6.2): RMSNorm in float32 then cast back before the weight multiply; cos/sin in float32 then cast
+(docs/MODEL.md §7): RMSNorm in float32 then cast back before the weight multiply; cos/sin in float32 then cast
 to the activation dtype; rotate_half (GPT-NeoX) rotation, not interleaved.
 """
 

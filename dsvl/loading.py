@@ -1,6 +1,6 @@
 """Checkpoint resolution (local directory or hub repo id), key layouts and shard-by-shard loading.
 
-Three key layouts are accepted and mapped onto our (= transformers 5 in-memory) names (reference §5):
+Three key layouts are accepted and mapped onto our (= transformers 5 in-memory) names (docs/MODEL.md §6):
 
 - ``converted``: the published ``deepseek-community/deepseek-vl-7b-chat`` (SigLIP under
   ``model.vision_model.vision_model.``);

@@ -1,5 +1,5 @@
 """``DeepseekVLHybrid``: SigLIP-L (384 px) + SAM-B (1024 px) towers, the high-res glue, the hybrid aligner, the
-LLaMA decoder and ``lm_head`` (reference §1.5, §1.6, §2).
+LLaMA decoder and ``lm_head`` (docs/MODEL.md §1-3).
 
 The same class is the SigLIP-only DeepSeek-VL 1.3B (transformers' ``DeepseekVLForConditionalGeneration``) when
 ``config.high_res_vision`` is None: no SAM tower, neck, downsample convs or alpha, and ``MlpAligner``

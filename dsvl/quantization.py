@@ -252,7 +252,7 @@ def quantized_layer_bytes(model: nn.Module) -> dict[str, tuple[int, int]]:
 # ---- "auto" ----------------------------------------------------------------------------------------------------
 
 # Bytes per decoder-Linear parameter: int8 rows + a scale per row (~1.0); int4 0.5 + a bf16 scale and zero per 128
-# (0.53); NF4 0.5 + double-quantized absmax (~0.516, performance-notes §1).
+# (0.53); NF4 0.5 + double-quantized absmax (~0.516; docs/PERFORMANCE.md, floors).
 _BYTES_PER_PARAM = {"bnb-int8": 1.0, "bnb-nf4": 0.52, "int8-wo": 1.0, "int4-wo": 0.53}
 
 

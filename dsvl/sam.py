@@ -1,13 +1,13 @@
 """SAM ViT image encoder + neck (the high-resolution branch: SAM-B at 1024 px for the 7B chat model).
 
 Module names equal transformers 5's ``SamVisionModel`` (in memory under ``model.high_res_vision_model.``),
-so checkpoints load with ``strict=True`` and no renaming. Numerics follow reference §6.3:
+so checkpoints load with ``strict=True`` and no renaming. Numerics follow docs/MODEL.md §7:
 
 - windowed blocks zero-pad the *normalised* 64×64 map to 70×70 and attend inside 25 windows of 14×14;
   the padded tokens are NOT masked (their keys/values are the qkv biases), exactly as SAM was trained;
 - decomposed relative positions are computed from the unscaled q and passed to
   ``F.scaled_dot_product_attention`` as an additive float mask, so no eager softmax over the
-  12×4096×4096 global-attention scores is ever built in Python (performance notes §1, §6.3).
+  12×4096×4096 global-attention scores is ever built in Python (docs/PERFORMANCE.md, vision per image).
 """
 
 from __future__ import annotations

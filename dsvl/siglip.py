@@ -2,7 +2,7 @@
 
 Module names equal transformers 5's ``SiglipVisionTransformer`` (in memory under ``model.vision_model.``),
 so checkpoints load with ``strict=True`` and no renaming. There is no pooling head: the hybrid model uses
-``post_layernorm(last layer)`` for all 576 patches (reference §1.3, §6.5).
+``post_layernorm(last layer)`` for all 576 patches (docs/MODEL.md §1, §7).
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ def photo(size=(96, 64), seed: int = 0) -> Image.Image:
 
 
 def bad_inputs(tmp: Path) -> dict[str, Path]:
-    """The bad-input battery's files (issue 6 item 1), written under `tmp`; keys are the case names."""
+    """The bad-input battery's files, written under `tmp`; keys are the case names."""
     tmp.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
 

@@ -31,14 +31,43 @@ def test_auto_dtype_rules(monkeypatch):
     assert D.choose_dtype(torch.device("cuda"), "auto") is torch.float16  # T4 / V100
 
 
-def test_this_machine_auto_choice_matches_its_cpu_flags():
-    dev, dt = D.resolve("auto", "auto")
-    if not torch.cuda.is_available():
-        assert dev.type in ("cpu", "mps")
-        if dev.type == "cpu":
-            flags = open("/proc/cpuinfo").read() if D.cpu_flags() else ""
-            fast = "avx512_bf16" in flags or "amx_bf16" in flags
-            assert dt is (torch.bfloat16 if fast else torch.float32)
+# /proc/cpuinfo excerpts (one processor each; the real files repeat the block per core).
+CPUINFO = {
+    "sapphire_rapids": "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+                       "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n",
+    "zen4": "processor\t: 0\nmodel name\t: AMD EPYC 9654\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n",
+    "skylake": "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Gold 6148\nflags\t\t: fpu sse2 avx2 avx512f\n",
+    "graviton": "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sha1 sha2 crc32 atomics\n",
+}
+
+
+def _fake_cpuinfo(monkeypatch, text: str | None) -> None:
+    """Make `cpu_flags` read `text` as /proc/cpuinfo (None: the file does not exist, as on macOS)."""
+    class FakePath:
+        def __init__(self, path):
+            assert str(path) == "/proc/cpuinfo"
+
+        def read_text(self):
+            if text is None:
+                raise FileNotFoundError("/proc/cpuinfo")
+            return text
+
+    monkeypatch.setattr(D, "Path", FakePath)
+    D.cpu_flags.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(D, "_mps_available", lambda: False)
+
+
+@pytest.mark.parametrize("cpu, want", [("sapphire_rapids", torch.bfloat16), ("zen4", torch.bfloat16),
+                                       ("skylake", torch.float32), ("graviton", torch.float32),
+                                       ("no_cpuinfo", torch.float32)])
+def test_auto_choice_on_a_cpu_follows_its_cpuinfo_flags(monkeypatch, cpu, want):
+    _fake_cpuinfo(monkeypatch, CPUINFO.get(cpu))
+    try:
+        assert D.resolve("auto", "auto") == (torch.device("cpu"), want)
+        assert ("avx2" in D.cpu_flags()) == (cpu in ("sapphire_rapids", "zen4", "skylake"))
+    finally:
+        D.cpu_flags.cache_clear()  # the next test reads this machine's own file again
 
 
 def test_flags_override():
@@ -71,12 +100,14 @@ def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
         D.choose_dtype(torch.device("cuda"), "bfloat16")
 
 
-def test_load_uses_the_choice(tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(D, "_mps_available", lambda: False)
-    e = dsvl.load(str(tiny_checkpoint), device="auto", dtype="auto")
+@pytest.mark.parametrize("cpu, want", [("zen4", torch.bfloat16), ("skylake", torch.float32)])
+def test_load_uses_the_choice(tiny_checkpoint, monkeypatch, cpu, want):
+    _fake_cpuinfo(monkeypatch, CPUINFO[cpu])
+    try:
+        e = dsvl.load(str(tiny_checkpoint), device="auto", dtype="auto")
+    finally:
+        D.cpu_flags.cache_clear()
     assert e.device == torch.device("cpu")
-    assert e.dtype is (torch.bfloat16 if D.cpu_has_fast_bf16() else torch.float32)
-    assert e.model.dtype is e.dtype
+    assert e.dtype is want and e.model.dtype is want
     with pytest.raises(D.DeviceError):
         dsvl.load(str(tiny_checkpoint), device="cuda")

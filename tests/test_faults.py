@@ -1,4 +1,4 @@
-"""Faults (issue 6 item 2): an out-of-memory error inside generation, a client that disconnects mid-stream, and a
+"""Faults: an out-of-memory error inside generation, a client that disconnects mid-stream, and a
 broken checkpoint at start-up.
 
 OOM is injected through the engine's test-only variable `DSVL_FAULT_INJECT` (read per request, so setting it in
@@ -128,14 +128,15 @@ def test_client_disconnect_mid_stream_stops_generation_and_frees_the_engine(serv
     assert len(streams) == 1
     stats = streams[0].stats
     assert stats.stop_reason == "cancelled" and stats.new_tokens < 2000, stats
+    stopped_at = stats.new_tokens
     wait_until(lambda: session not in engine.sessions, 10, "the session's KV cache released (unload)")
     wait_until(lambda: queue_drained(demo), 10, "queue drained")
     print(f"engine free {stopped_in:.2f} s after the disconnect, after {stats.new_tokens} of 2000 tokens")
 
     # the next user is served at once (not after the 2000 tokens the gone client asked for)
-    t1 = time.perf_counter()
     assert ask(Client(url, verbose=False), "Quick one.", max_new_tokens=4)
-    assert time.perf_counter() - t1 < 15
+    assert len(streams) == 2 and 0 < streams[1].stats.new_tokens <= 4
+    assert streams[0].stats.new_tokens == stopped_at  # the gone client's reply did not run on
 
 
 def test_disconnect_while_queued_never_runs(server, engine):
@@ -216,7 +217,8 @@ def test_startup_faults_exit_nonzero_quickly_with_one_clear_message(tiny_checkpo
     def start(kind):
         d, _ = cases[kind]
         t0 = time.perf_counter()
-        # a free port is not needed: the app must fail before it listens (a server that starts hits the timeout)
+        # a free port is not needed: the app must fail before it listens (a server that starts hits the timeout,
+        # which fails the test; the time taken is only printed)
         result = run_app("--model", str(d), "--port", "7", timeout=90)
         return result, time.perf_counter() - t0
 
@@ -227,7 +229,6 @@ def test_startup_faults_exit_nonzero_quickly_with_one_clear_message(tiny_checkpo
         err = result.stderr
         print(f"{kind}: rc={result.returncode} in {seconds:.1f} s: {err.strip().splitlines()[-1]}")
         assert result.returncode != 0, (kind, result.stdout, err)
-        assert seconds < 60, (kind, seconds)
         assert "Traceback" not in err, (kind, err)
         assert "Running on" not in result.stdout, kind
         message = [line for line in err.splitlines() if "Could not" in line or "rror" in line]

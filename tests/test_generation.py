@@ -207,7 +207,15 @@ def test_close_stops_within_one_step_and_frees_engine(engine):
     s.close()
     assert s.stats.stop_reason == "cancelled" and s.stats.new_tokens == n
     assert list(s) == [] and _lock_free(engine)
-    assert engine.generate(conv, max_new_tokens=3, **GREEDY)  # next request runs
+    _assert_next_request_runs(engine, conv, 3)
+
+
+def _assert_next_request_runs(engine: Engine, conv, n: int) -> None:
+    """A new request on the engine runs to its full length (stop strings off, so only EOS could end it early)."""
+    nxt = engine.stream(conv, max_new_tokens=n, **GREEDY)
+    "".join(nxt)
+    assert nxt.stats.stop_reason in ("max_new_tokens", "eos"), nxt.stats
+    assert nxt.stats.new_tokens == n or nxt.stats.stop_reason == "eos", nxt.stats
 
 
 def test_cancel_event_from_another_thread(engine):
@@ -256,7 +264,7 @@ def test_generator_close_from_another_thread_runs_finally_and_frees(engine):
     s = streams[0]
     assert s.stats.stop_reason == "cancelled" and s.stats.new_tokens < 400
     assert _lock_free(engine)
-    assert engine.generate(conv, max_new_tokens=2, **GREEDY)
+    _assert_next_request_runs(engine, conv, 2)
 
 
 def test_close_while_a_step_runs_in_another_thread(engine):
@@ -537,16 +545,34 @@ def test_end_session_during_a_stream_does_not_block(engine):
     assert "other" not in engine.sessions
 
 
-def test_cancel_while_queued_gives_up_without_running(engine):
+class _WatchedLock:
+    """The engine's lock, with an event set once a caller has tried to take it and found it held."""
+
+    def __init__(self, lock):
+        self.lock, self.contended = lock, threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        got = self.lock.acquire(blocking, timeout)
+        if not got:
+            self.contended.set()
+        return got
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+def test_cancel_while_queued_gives_up_without_running(engine, monkeypatch):
     conv = [user("Tell me about the garden.")]
     s1 = engine.stream(conv, max_new_tokens=50, **GREEDY)
     next(s1)  # holds the engine
+    watched = _WatchedLock(engine._lock)
+    monkeypatch.setattr(engine, "_lock", watched)
     cancel = threading.Event()
     s2 = engine.stream(conv, max_new_tokens=50, cancel=cancel, **GREEDY)
     out: list = []
     t = threading.Thread(target=lambda: out.extend(s2))
     t.start()
-    time.sleep(0.2)
+    assert watched.contended.wait(30)  # s2 tried the lock and found s1 holding it
     assert t.is_alive()  # queued behind s1
     cancel.set()
     t.join(5)

@@ -89,7 +89,7 @@ def test_parity_non_rgb_modes(make, processor_dir, hf_image_processor):
 
 
 def test_geometry_and_pad_colour():
-    """Reference §3.1: solid red 500x333 -> content rows 171..852, pad un-normalises to (122,116,104)."""
+    """docs/MODEL.md §4: solid red 500x333 -> content rows 171..852, pad un-normalises to (122,116,104)."""
     proc = ImageProcessor()
     high_u8 = proc.high_res_uint8(Image.new("RGB", (500, 333), (255, 0, 0)))
     assert high_u8.shape == (1024, 1024, 3)

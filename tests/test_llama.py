@@ -56,7 +56,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_matches_hf_bitwise(dtype):
-    # §6.1: normalise in float32, cast back to the input dtype, THEN multiply by the weight.
+    # MODEL.md §7: normalise in float32, cast back to the input dtype, THEN multiply by the weight.
     x = (torch.randn(3, 7, 64) * 5).to(dtype)
     ours, ref = RMSNorm(64, 1e-6).to(dtype), hf.LlamaRMSNorm(64, eps=1e-6).to(dtype)
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_rope_matches_hf_half_rotation(dtype):
     assert cos.dtype == dtype and torch.equal(cos, rcos) and torch.equal(sin, rsin)
     q, _ = hf.apply_rotary_pos_emb(x, x, rcos, rsin)
     assert torch.equal(apply_rotary(x, cos, sin), q)
-    # §6.2: half rotation pairs channel i with i + D/2 (GPT-NeoX), not the interleaved (2i, 2i+1) form.
+    # MODEL.md §7: half rotation pairs channel i with i + D/2 (GPT-NeoX), not the interleaved (2i, 2i+1) form.
     d = cfg.head_dim
     e = torch.zeros(1, 1, 1, d)
     e[..., 0] = 1.0

@@ -87,7 +87,7 @@ def test_dtype_eval_and_no_grad(tiny_checkpoint):
     assert rope.dtype == torch.float32 and torch.allclose(rope[:2], torch.tensor([1.0, 10000 ** (-2 / 16)]))
 
 
-# ---- lm_head tying (reference §1.1) --------------------------------------------------------------
+# ---- lm_head tying (docs/MODEL.md §1) --------------------------------------------------------------
 
 
 def _set_tie(d: Path, tie: bool) -> None:
@@ -348,7 +348,7 @@ def _run_rss(*args: str) -> dict:
 def test_streaming_write_and_load_peak_rss(tmp_path):
     """16 decoder layers 1024 wide: ~400 MB of bf16 in one file, no tensor over 12 MB (float32). Writing must hold
     about one tensor, not the file; loading must peak at <= 1.3x the final weights (the `mid` checkpoint, full
-    width, measures ~1.03x in bfloat16 and ~1.17x in float32; see the closing note of issue 2)."""
+    width, measures ~1.03x in bfloat16 and ~1.17x in float32 with `bench/`)."""
     cfg = DsvlConfig(text=TextConfig(hidden_size=1024, num_hidden_layers=16, num_attention_heads=8,
                                      num_key_value_heads=8, intermediate_size=2816, vocab_size=2048),
                      vision=SiglipConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -1,5 +1,5 @@
 """DeepseekVLHybrid against transformers' DeepseekVLHybridForConditionalGeneration on the same saved random weights
-(float32, CPU), plus the reference §6 pitfalls of the glue, the aligner and sequence assembly.
+(float32, CPU), plus the pitfalls (docs/MODEL.md §7) of the glue, the aligner and sequence assembly.
 
 Inputs are built by hand (BOS + ids + 576 x image id), so these tests do not depend on the processor.
 """
@@ -71,7 +71,7 @@ def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 def test_reference_loads_cleanly_and_untied(env):
     ours, ref, info, _ = env
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    # §1.1: the chat model's lm_head is its own tensor, in both implementations.
+    # docs/MODEL.md §1: the chat model's lm_head is its own tensor, in both implementations.
     assert not torch.equal(ref.lm_head.weight, ref.model.language_model.embed_tokens.weight)
     assert ours.lm_head.weight is not ours.model.language_model.embed_tokens.weight
     assert torch.equal(ours.lm_head.weight, ref.lm_head.weight)
@@ -142,7 +142,7 @@ def test_left_padded_batch_logits(env):
         got = ours(ids, attention_mask=mask, pixel_values=pv, high_res_pixel_values=hpv).logits
         want = ref(input_ids=ids, attention_mask=mask, pixel_values=pv, high_res_pixel_values=hpv,
                    position_ids=pos).logits
-        # §2: the padded row gives the same logits as the same prompt alone (default position_ids = cumsum).
+        # MODEL.md §2: the padded row gives the same logits as the same prompt alone (default position_ids = cumsum).
         alone = ours(torch.tensor([rows[1]])).logits
     real = mask.bool()
     print("padded batch max rel diff", rel(got[real], want[real]), "vs alone", rel(got[1, -len(rows[1]):], alone[0]))
@@ -187,11 +187,11 @@ def test_greedy_continuation_matches_generate(env, batch):
     assert len(set(got[0])) > 4, "random weights must not produce a constant continuation"
 
 
-# ---- §6 pitfalls of the parts this module owns ---------------------------------------------------
+# ---- pitfalls (MODEL.md §7) of the parts this module owns -----------------------------------------------
 
 
 def test_high_res_glue_by_hand(env):
-    """§1.5/§6.4: full block-2 output through the second neck; ONE shared downsample pair, bilinear 64->96 with
+    """MODEL.md §3: full block-2 output through the second neck; ONE shared downsample pair, bilinear 64->96 with
     align_corners=False; alpha on the global path only, after its convs; row-major 24x24 tokens."""
     ours, _, _, _ = env
     m = ours.model
@@ -222,7 +222,7 @@ def test_high_res_glue_by_hand(env):
 
 
 def test_aligner_order_and_exact_gelu(env):
-    """§1.6/§6.1: proj(GELU_erf(cat[high_res_vision_proj(sam) | vision_proj(siglip)]))."""
+    """MODEL.md §1: proj(GELU_erf(cat[high_res_vision_proj(sam) | vision_proj(siglip)]))."""
     ours, _, _, _ = env
     a = ours.model.aligner
     g = torch.Generator().manual_seed(15)
@@ -239,7 +239,7 @@ def test_aligner_order_and_exact_gelu(env):
 
 
 def test_embed_scatter_row_major_and_count_check(env):
-    """§2.3/§6.7: image n fills the n-th run of 576 placeholders, batch row 0 first; wrong counts are errors."""
+    """MODEL.md §2: image n fills the n-th run of 576 placeholders, batch row 0 first; wrong counts are errors."""
     ours, _, _, sp = env
     ids, _ = left_pad([prompt(sp, [3, "img", 2, "img"], seed=16), prompt(sp, [1, "img", 9], seed=17)], sp.eos)
     feats = torch.arange(3, dtype=torch.float32)[:, None, None].expand(3, 576, ours.config.text.hidden_size) + 10

@@ -126,7 +126,7 @@ def _same_greedy_tokens(reference, q, prompt: str, n: int = 8, tie: float = 0.1)
     assert torch.equal(got[clear], greedy[clear]), (got.tolist(), greedy.tolist())
 
 
-# The bounds against bf16: logits cosine >= 0.999 (int8) / 0.99 (int4), the first 8 greedy tokens equal.
+# Bounds against bf16: logits cosine >= 0.999 (int8) / 0.99 (int4), the first 8 greedy tokens equal.
 @pytest.mark.parametrize("mode,min_cos,kind", [("int8-wo", 0.999, Int8Linear), ("int4-wo", 0.99, Int4Linear)])
 def test_every_decoder_linear_quantized_and_accurate(reference, tiny_checkpoint, mode, min_cos, kind):
     q = dsvl.load(str(tiny_checkpoint), device="cpu", dtype="bfloat16", quantization=mode)

@@ -1,4 +1,4 @@
-"""The bad-input battery (issue 6 item 1), through the live app's API and through the core.
+"""The bad-input battery (hostile uploads, images, text and settings), through the live app's API and the core.
 
 Every bad input gets a clear message (naming the file where there is one) or a correct answer, and the server
 answers the next normal request. The server runs with small limits (2 images per message, 1 MB per file) so that

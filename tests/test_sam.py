@@ -133,7 +133,7 @@ def test_bfloat16_close_to_float32() -> None:
 def eager_windowed_block(layer: SamVisionLayer, x: torch.Tensor, heads: int,
                          mask_padding: bool = False) -> torch.Tensor:
     """Hand-written float64 SAM block, one window at a time. SAM leaves the padded keys unmasked
-    (reference §6.3); ``mask_padding=True`` gives the variant it does NOT compute."""
+    (docs/MODEL.md §7); ``mask_padding=True`` gives the variant it does NOT compute."""
     p = {k: v.double() for k, v in layer.state_dict().items()}
     x = x.double()
     n, h, w, d = x.shape

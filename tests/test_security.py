@@ -1,4 +1,4 @@
-"""Security (issue 6 item 4): weights from safetensors only (a pickle is refused and never unpickled), no remote
+"""Security: weights from safetensors only (a pickle is refused and never unpickled), no remote
 code, no local file reachable through Gradio's file routes, --auth works, --share warns without --auth, and the
 app writes no conversation to disk."""
 

@@ -1,4 +1,4 @@
-"""Soak (issue 6 item 3): 8 concurrent gradio_client clients hold 5-turn conversations with images against one
+"""Soak: 8 concurrent gradio_client clients hold 5-turn conversations with images against one
 live server on the tiny checkpoint.
 
 Checked: zero errors; every answer reached the right session (each client's prompts and images are its own, and
@@ -166,5 +166,4 @@ def test_soak_8_clients_5_turns_with_images(tiny_checkpoint, tmp_path):
     distinct = {a for _, answers, _ in results for a in answers}
     assert len(distinct) > CLIENTS  # the check has teeth: answers differ between conversations
     total = time.perf_counter() - t_start
-    print(f"soak test total {total:.1f} s")
-    assert total < 240
+    print(f"soak test total {total:.1f} s")  # a figure for the log; the time limit is CI's job timeout

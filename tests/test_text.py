@@ -21,7 +21,7 @@ from dsvl.text import (
     write_tiny_tokenizer,
 )
 
-# Golden prompts rendered by the reference chat template (a copy of shared/reference/chat-format-cases.json).
+# Golden prompts: the reference chat template's renderings, copied into tests/data.
 CASES = json.loads((Path(__file__).parent / "data" / "chat-format-cases.json").read_text(encoding="utf-8"))
 assert len(CASES) >= 9
 

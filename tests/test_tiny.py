@@ -81,7 +81,7 @@ def test_deterministic_per_seed(tmp_path):
 
 
 def test_full_size_counts_from_meta():
-    """Reference §5.1/§5.3: 854 tensors and 7,331,390,721 parameters; the original checkpoint fuses SigLIP qkv and
+    """docs/MODEL.md §6: 854 tensors and 7,331,390,721 parameters; the original checkpoint fuses SigLIP qkv and
     adds the unused attention-pool head and two LayerNorms (12,595,200 + 4,096), 14.688 GB in bfloat16."""
     cfg = config_for("7b", image_token_id=702)
     conv = plan_tensors(cfg, "converted", seed=0)
