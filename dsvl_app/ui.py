@@ -40,13 +40,13 @@ GPU = "gpu"
 
 CSS = """
 #dsvl-banner { display:flex; flex-wrap:wrap; gap:.4rem .9rem; align-items:center; font-size:.92rem;
-               padding:.55rem .9rem; border-radius:10px; background:var(--block-background-fill);
+               padding:.4rem .9rem; border-radius:10px; background:var(--block-background-fill);
                border:1px solid var(--border-color-primary); }
 #dsvl-banner .name { font-weight:700; font-size:1.05rem; }
 #dsvl-banner .chip { padding:.1rem .5rem; border-radius:999px; background:var(--background-fill-secondary);
                      border:1px solid var(--border-color-primary); font-family:var(--font-mono); font-size:.82rem; }
 /* the test-model warning: the theme's error colours, so that it reads in light and dark mode alike */
-#dsvl-random { margin-top:.5rem; padding:.45rem .8rem; border-radius:10px; font-weight:600; font-size:.9rem;
+#dsvl-random { margin-top:.3rem; padding:.4rem .8rem; border-radius:10px; font-weight:600; font-size:.9rem;
                background:var(--error-background-fill); color:var(--error-text-color);
                border:2px solid var(--error-border-color); }
 #dsvl-random code { background:transparent; color:inherit; font-weight:700; padding:0; }
@@ -531,7 +531,7 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
         def do_import(path, request: gr.Request):
             session = request.session_hash
             if not path:
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                return (gr.skip(),) * 4
             if not limits.is_upload(path, rt.upload_root):
                 raise refused("The file to import is not an upload to this server.", "Import failed")
             try:
@@ -554,13 +554,13 @@ def build_app(engine, settings: Settings | None = None, *, gpu=None) -> gr.Block
                 shutil.rmtree(out_dir, ignore_errors=True)
                 log.info("refused an import: %s", type(exc).__name__)
                 gr.Warning(f"Could not import this file: {exc}", title="Import failed")  # the chat stays as it is
-                return gr.skip(), gr.skip(), gr.skip()
+                return (gr.skip(),) * 4  # chatbot, conv, context, system prompt: all as they were
             except Exception as exc:  # a file this reader did not foresee: one log line, a plain message
                 shutil.rmtree(out_dir, ignore_errors=True)
                 log.warning("import refused: %s", type(exc).__name__)
                 gr.Warning("Could not import this file: it is not a conversation exported by this app.",
                            title="Import failed")
-                return gr.skip(), gr.skip(), gr.skip()
+                return (gr.skip(),) * 4  # chatbot, conv, context, system prompt: all as they were
             if written:
                 rt.files.track_dir(session, out_dir)
             else:

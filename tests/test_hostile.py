@@ -124,15 +124,23 @@ def test_example_cards_are_taken_by_index_not_by_the_value_sent(server, http_cli
     out = _outcome(http_client, url, select["id"], [None], {"index": 99, "value": {"text": "x", "files": []}})
     assert "There is no such example" in out
     # a real card, whatever value comes with it: the server's own card (its picture, its text) is staged
-    out = _outcome(http_client, url, select["id"], [None], {"index": 0, "value": {"text": "x", "files": ["/etc/passwd"]}})
-    assert "Describe this image in detail." in out and "passwd" not in out
+    session = uuid.uuid4().hex
+    out = _outcome(http_client, url, select["id"], [None], {"index": 0, "value": {"text": "x", "files": ["/etc/passwd"]}},
+                   session=session)
+    assert "passwd" not in out
+    # The card is staged in the session's state (never sent back); the next step of the chain shows it.
+    show = next(d["id"] for d in config["dependencies"] if demo.fns[d["id"]].name == "show_staged")
+    r = http_client.post(url + "gradio_api/run/predict", json={"data": [None], "fn_index": show,
+                                                               "session_hash": session}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert "Describe this image in detail." in r.text and "chelsea" in r.text and "passwd" not in r.text
 
 
 # ---- item 3: every path to the model through the queue and its limits ---------------------------------
 
 def test_rest_routes_refuse_every_queued_handler(server, http_client, engine):
     """`/gradio_api/run/...` skips the queue: it is closed for every handler that is queued; the handlers it
-    still reaches never run the model (they stop, undo, clear, finish, export)."""
+    still reaches never run the model (they stop, undo, clear, finish, export, show the staged message)."""
     demo, url = server
     config = _config(http_client, url)
     r = http_client.post(url + "gradio_api/run/chat", json={"data": [{"text": "hi", "files": []}, 0, 0.9, 0, 4, 1.1,
@@ -147,7 +155,8 @@ def test_rest_routes_refuse_every_queued_handler(server, http_client, engine):
             direct.add(demo.fns[dep["id"]].name)
         if dep["queue"] is not False:
             assert r.status_code == 404, (demo.fns[dep["id"]].name, r.status_code)
-    assert direct <= {"finish", "undo", "new_chat", "do_export", "stop", "clear_api", None}, direct
+    # show_staged only renders the message that the session's own (server-side) state holds
+    assert direct <= {"finish", "undo", "new_chat", "do_export", "stop", "clear_api", "show_staged", None}, direct
     # /call/chat is the queue: it works and counts against --max-queue like the page
     r = http_client.post(url + "gradio_api/call/chat", json={"data": [{"text": "hi", "files": []}, 0, 0.9, 0, 4, 1.1,
                                                                         0, None]}, timeout=30)

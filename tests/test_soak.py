@@ -25,8 +25,6 @@ from dsvl_app.runtime import generation_params
 CLIENTS = 8
 TURNS = 5
 MAX_NEW_TOKENS = 6
-MAX_SESSIONS = CLIENTS  # KV caches kept: the default KV budget holds one per client (a replayed conversation then
-# matches token for token)
 IMAGE_CACHE = 12  # image features kept: fewer than the 17 distinct images, so the LRU evicts
 ROUNDS = 3
 LIVE_GROWTH_LIMIT = 384 * 2**20  # memory in use after the first round, over the warm-up
@@ -53,7 +51,7 @@ def script(i: int, images: Path) -> list[tuple[str, list[str]]]:
 
 
 class Monitor(threading.Thread):
-    """Samples RSS and the engine's cache sizes every 0.2 s."""
+    """Samples RSS, the KV memory reserved and the image cache's size every 0.2 s."""
 
     def __init__(self, engine):
         super().__init__(daemon=True)
@@ -61,7 +59,8 @@ class Monitor(threading.Thread):
 
     def run(self):
         while not self.stop.is_set():
-            self.samples.append((rss_bytes(), self.engine.kv_stats()["sessions_cached"], len(self.engine._features)))
+            kv = self.engine.kv_stats()
+            self.samples.append((rss_bytes(), kv["kv_reserved_bytes"], len(self.engine._features)))
             self.stop.wait(0.2)
 
 
@@ -118,8 +117,8 @@ def test_soak_8_clients_5_turns_with_images(tiny_checkpoint, tmp_path):
               f"{' + '.join(f'{t:.1f}' for t in times)} s, {len(errors)} errors; RSS in use after warm-up, then after "
               f"each round: {mib(live)} MiB (growth {(live[1] - live[0]) / 2**20:+.0f} MiB in round 1, "
               f"{(live[-1] - live[1]) / 2**20:+.0f} MiB in the rounds after); plain RSS {mib(raw)} MiB, peak "
-              f"{peak / 2**20:.0f} MiB; max KV sessions "
-              f"{max(s[1] for s in monitor.samples)}/{MAX_SESSIONS}, max cached images "
+              f"{peak / 2**20:.0f} MiB; max KV reserved "
+              f"{max(s[1] for s in monitor.samples) / 2**20:.0f}/{engine.kv_budget_bytes / 2**20:.0f} MiB, max cached images "
               f"{max(s[2] for s in monitor.samples)}/{IMAGE_CACHE}")
         assert not errors, errors
         assert all(len(r) == CLIENTS for r in rounds)
@@ -135,7 +134,7 @@ def test_soak_8_clients_5_turns_with_images(tiny_checkpoint, tmp_path):
         assert max(raw) - raw[0] < RAW_GROWTH_LIMIT
 
         # caches within their bounds all along; the image cache did fill (and so evicted)
-        assert all(s <= MAX_SESSIONS and f <= IMAGE_CACHE for _, s, f in monitor.samples)
+        assert all(kv <= engine.kv_budget_bytes and f <= IMAGE_CACHE for _, kv, f in monitor.samples)
         assert len(monitor.samples) >= 5 and max(f for _, _, f in monitor.samples) == IMAGE_CACHE
 
         # each conversation's prompt grew turn by turn (its own history, 576 tokens per image)
