@@ -253,12 +253,12 @@ def test_export_is_bounded(server, http_client, tmp_path, monkeypatch):
     config = _config(http_client, url)
     chat = next(d for d in config["dependencies"] if d.get("api_name") == "chat")
     hist = [{"role": "user", "content": [{"path": up}] * 4 + ["look"]}, {"role": "assistant", "content": "ok"}]
-    out = _outcome(http_client, url, chat["id"], [{"text": "again", "files": []}, 0.0, 0.9, 0, 2, 1.1, 0, hist, None],
+    out = _outcome(http_client, url, chat["id"], [{"text": "again", "files": []}, 0.0, 0.9, 0, 2, 1.1, 0, hist, None, None],
                    session=session)
     assert '"success": true' in out
     export = next(d for d in config["dependencies"]
                   if demo.fns[d["id"]].name == "do_export")
-    r = http_client.post(url + "gradio_api/run/predict", json={"data": [None], "fn_index": export["id"],
+    r = http_client.post(url + "gradio_api/run/predict", json={"data": [None] * len(export["inputs"]), "fn_index": export["id"],
                                                                "session_hash": session}, timeout=30)
     assert r.status_code == 500 and "Export takes at most" in r.text and len(r.content) < 5000, r.text[:300]
 
@@ -275,7 +275,7 @@ def test_bad_settings_are_refused_in_plain_words_before_the_model(server, http_c
     demo, url = server
     config = _config(http_client, url)
     chat = next(d for d in config["dependencies"] if d.get("api_name") == "chat")
-    data = [{"text": "hi", "files": []}, 0.0, 0.9, 0, 4, 1.1, 0, None, None]
+    data = [{"text": "hi", "files": []}, 0.0, 0.9, 0, 4, 1.1, 0, None, None, None]
     data[setting] = value
     body = json.dumps({"data": data, "fn_index": chat["id"], "session_hash": (s := uuid.uuid4().hex),
                        "event_data": None, "trigger_id": None}).replace('"NaN"', "NaN")
@@ -342,7 +342,7 @@ def test_a_streamed_http_file_item_fetches_nothing(server, http_client):
                 "orig_name": "x.png"}
         config = _config(http_client, url)
         chat = next(d for d in config["dependencies"] if d.get("api_name") == "chat")
-        out = _outcome(http_client, url, chat["id"], [{"text": "x", "files": [item]}, 0.0, 0.9, 0, 4, 1.1, 0, None, None])
+        out = _outcome(http_client, url, chat["id"], [{"text": "x", "files": [item]}, 0.0, 0.9, 0, 4, 1.1, 0, None, None, None])
         assert '"success": false' in out and hits == [], (hits, out[:300])
     finally:
         local.shutdown()
