@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsvl.config import DsvlConfig, SamConfig, SiglipConfig, TextConfig
+from dsvl.config import DsvlConfig
 from dsvl.loading import CheckpointError, HUB_ALLOW_PATTERNS, load_model, resolve_checkpoint
 from dsvl.tiny import write_checkpoint
+from configs import wide_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -349,13 +350,7 @@ def test_streaming_write_and_load_peak_rss(tmp_path):
     """16 decoder layers 1024 wide: ~400 MB of bf16 in one file, no tensor over 12 MB (float32). Writing must hold
     about one tensor, not the file; loading must peak at <= 1.3x the final weights (the `mid` checkpoint, full
     width, measures ~1.03x in bfloat16 and ~1.17x in float32 with `bench/`)."""
-    cfg = DsvlConfig(text=TextConfig(hidden_size=1024, num_hidden_layers=16, num_attention_heads=8,
-                                     num_key_value_heads=8, intermediate_size=2816, vocab_size=2048),
-                     vision=SiglipConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=128),
-                     high_res_vision=SamConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                               mlp_dim=64, output_channels=16, global_attn_indexes=(1,)),
-                     image_token_id=0)
+    cfg = wide_decoder(16)
     d = tmp_path / "wide"
     w = _run_rss("write", str(d), json.dumps(cfg.to_dict()))
     print("write peak RSS growth / file bytes =", round(w["growth"] / w["bytes"], 3))

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import dsvl
-from dsvl.config import DsvlConfig, SamConfig, SiglipConfig, TextConfig
+from dsvl.config import DsvlConfig
 from dsvl.quantization import (QuantizationError, check_mode, choose_auto, estimate_bytes, quantize_linear,
                                quantize_model, speed_order)
 from dsvl.weightonly import Int4Linear, Int8Linear, WeightOnlyLinear, quantize_int4
+from configs import wide_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "User: What is the capital of France?\n\nAssistant: The capital of France is Paris."
@@ -196,13 +197,7 @@ def test_quantized_load_peak_is_the_quantized_weights(tmp_path):
     16-bit file never accumulates), not near the file."""
     from dsvl.tiny import write_checkpoint
 
-    cfg = DsvlConfig(text=TextConfig(hidden_size=1024, num_hidden_layers=8, num_attention_heads=8,
-                                     num_key_value_heads=8, intermediate_size=2816, vocab_size=2048),
-                     vision=SiglipConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=128),
-                     high_res_vision=SamConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                               mlp_dim=64, output_channels=16, global_attn_indexes=(1,)),
-                     image_token_id=0)
+    cfg = wide_decoder(8)
     d = tmp_path / "wide"
     write_checkpoint(d, size="mid", config=cfg, shard_bytes=1 << 40)
     file_bytes = sum(p.stat().st_size for p in d.glob("*.safetensors"))
